@@ -1,0 +1,46 @@
+"""Continual-learning methods: one file each, all built from :mod:`clax.transforms`."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from clax.methods.base import Context, Method, TaskData
+from clax.methods.ewc import EWC_DEFAULTS, ewc
+from clax.methods.finetune import FINETUNE_DEFAULTS, JOINT_DEFAULTS, finetune, joint
+from clax.methods.lwf import LWF_DEFAULTS, lwf
+from clax.methods.replay import REPLAY_DEFAULTS, replay
+
+
+class MethodSpec(NamedTuple):
+    """Registry entry: the factory ``(ctx, **settings) -> Method``, its settings and defaults."""
+
+    factory: Callable[..., Method]
+    defaults: dict
+    summary: str
+    backbone: str = "mlp"       # default backbone on the offline benchmarks
+    scenarios: tuple = ("til", "cil")
+    train: dict = {}            # overrides of the training-loop defaults
+
+
+METHODS: dict[str, MethodSpec] = {
+    "finetune": MethodSpec(finetune, FINETUNE_DEFAULTS, "sequential fine-tuning (lower bound)"),
+    "joint": MethodSpec(joint, JOINT_DEFAULTS, "cumulative joint training (upper bound)"),
+    "ewc": MethodSpec(ewc, EWC_DEFAULTS, "elastic weight consolidation (Kirkpatrick et al. 2017)"),
+    "lwf": MethodSpec(lwf, LWF_DEFAULTS, "learning without forgetting (Li & Hoiem 2017)"),
+    "replay": MethodSpec(replay, REPLAY_DEFAULTS, "experience replay, reservoir buffer"),
+}
+
+
+def get_method(name: str, ctx: Context, **settings) -> Method:
+    """Builds method ``name`` for the stream described by ``ctx``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join(sorted(METHODS))}")
+    spec = METHODS[name]
+    unknown = set(settings) - set(spec.defaults)
+    if unknown:
+        raise ValueError(f"method {name!r} has no setting {sorted(unknown)[0]!r}; valid: "
+                         f"{', '.join(spec.defaults) or '(none)'}")
+    return spec.factory(ctx, **settings)
+
+
+__all__ = ["METHODS", "Context", "Method", "MethodSpec", "TaskData", "ewc", "finetune", "get_method",
+           "joint", "lwf", "replay"]

@@ -1,0 +1,105 @@
+"""The method protocol: a continual-learning method is a few pure functions over a :class:`CLState`.
+
+Like an optax ``GradientTransformation``, a :class:`Method` is a NamedTuple of functions; fixed
+settings live in the factory's closure and everything that changes lives in the state. The one
+generic trainer (:mod:`clax.train`) calls them in this order, for each task ``t``::
+
+    cl = method.begin_task(cl, task_data)          # host side: snapshots, re-initialisation
+    for batch in epochs:                           # jit-compiled; t is a traced int32
+        loss, (state, metrics) = method.loss(cl_with_trainable_rows, batch, key, t)
+    cl = method.end_task(cl, task_data)            # host side: Fisher, consolidation, SVD, buffers
+    logits = method.predict(cl, x, tid)            # tid [B] in TIL, None in CIL
+
+Only ``cl.shared`` and row ``t`` of ``cl.per_task`` are differentiated and reach the optimizer; the
+trainer writes back nothing else, so other tasks' rows stay bit-for-bit unchanged.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clax.models import Backbone
+from clax.partition import CLState
+
+PyTree = Any
+
+
+class Context(NamedTuple):
+    """What a method factory knows about the stream it will learn.
+
+    Attributes:
+      backbone: the feature extractor.
+      num_tasks: T.
+      scenario: ``"til"`` or ``"cil"``.
+      num_outputs: output width (classes per task in TIL, all classes in CIL).
+      task_classes: ``[T, C_max]`` global class ids of each task, padded with -1.
+      input_shape: shape of one input.
+    """
+
+    backbone: Backbone
+    num_tasks: int
+    scenario: str
+    num_outputs: int
+    task_classes: np.ndarray
+    input_shape: tuple[int, ...]
+
+    def output_mask(self) -> jnp.ndarray:
+        """``[T, num_outputs]`` bool: the outputs that belong to each task."""
+        if self.scenario == "til":
+            return jnp.asarray(self.task_classes >= 0)
+        m = np.zeros((self.num_tasks, self.num_outputs), bool)
+        for t, cs in enumerate(self.task_classes):
+            m[t, cs[cs >= 0]] = True
+        return jnp.asarray(m)
+
+
+class TaskData(NamedTuple):
+    """One task's training data as the host-side hooks see it (targets already mapped)."""
+
+    t: int
+    x: np.ndarray
+    y: np.ndarray
+    key: jax.Array
+    batch_size: int
+
+
+def _identity_hook(cl: CLState, data: TaskData) -> CLState:
+    return cl
+
+
+class Method(NamedTuple):
+    """A continual-learning method as pure functions (see the module docstring).
+
+    Attributes:
+      name: registry name.
+      init: ``key -> CLState``.
+      loss: ``(cl, batch, key, t) -> (scalar, (new cl.state, metrics dict))``; batch holds ``x``,
+        ``y`` (targets) and ``tid`` (task id per sample).
+      predict: ``(cl, x, tid or None) -> logits``; ``tid`` is ``[B]`` int in TIL and None in CIL.
+      begin_task, end_task: host-side hooks ``(cl, TaskData) -> cl``.
+      update_mask: optional ``(cl, t) -> bool tree`` over ``{"shared", "task"}``; where False, the
+        gradient and the optimizer's update are zeroed (consolidated weights of WSN, IBM, PackNet).
+      post_update: optional ``(cl, batch, key, t) -> cl`` run inside the compiled step after the
+        optimizer's update (a second optimiser over part of the state, e.g. PAH's prototype step;
+        its optimizer state lives in ``cl.extra``).
+      end_epoch: optional host-side hook ``(cl, TaskData, epoch) -> cl`` (e.g. IBM's periodic SVD).
+      cumulative: train task ``r`` on the union of tasks ``0..r`` (joint training).
+      evaluates_unseen: whether a task can be evaluated before it is trained (for FWT).
+      task_bytes: optional ``(cl, t) -> int``: bytes stored for task ``t`` beyond its per-task row.
+    """
+
+    name: str
+    init: Callable[[jax.Array], CLState]
+    loss: Callable[..., tuple[jax.Array, tuple[PyTree, dict]]]
+    predict: Callable[..., jax.Array]
+    begin_task: Callable[[CLState, TaskData], CLState] = _identity_hook
+    end_task: Callable[[CLState, TaskData], CLState] = _identity_hook
+    update_mask: Optional[Callable[[CLState, Any], PyTree]] = None
+    post_update: Optional[Callable[..., CLState]] = None
+    end_epoch: Optional[Callable[[CLState, TaskData, int], CLState]] = None
+    cumulative: bool = False
+    evaluates_unseen: bool = True
+    task_bytes: Optional[Callable[[CLState, int], int]] = None

@@ -1,0 +1,96 @@
+"""Backbones as pure functions: ``init(key) -> (params, batch_stats)`` and
+``apply(params, batch_stats, x, train) -> (features, new_batch_stats)``.
+
+BatchNorm statistics are explicit state, passed in and returned (empty dict for backbones without
+BatchNorm). A backbone yields features; heads belong to the continual-learning method.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clax.models.mlp import MLP
+from clax.models.resnet import ResNet18, ResNet32
+from clax.models.vit import ViT
+
+PyTree = Any
+
+
+class Backbone(NamedTuple):
+    """A feature extractor as a pair of pure functions plus its shapes.
+
+    Attributes:
+      name: registry name.
+      module: the Flax module (for parameter-path based transforms).
+      input_shape: shape of one input.
+      feature_dim: width of the returned features.
+      view: which data view it consumes, ``"flat"`` or ``"image"``.
+      init: ``key -> (params, batch_stats)``.
+      apply: ``(params, batch_stats, x, train) -> (features [B, feature_dim], new_batch_stats)``.
+    """
+
+    name: str
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    feature_dim: int
+    view: str
+    init: Callable[[jax.Array], tuple[PyTree, PyTree]]
+    apply: Callable[..., tuple[jax.Array, PyTree]]
+
+
+def from_module(name: str, module: nn.Module, input_shape, view: str) -> Backbone:
+    """Wraps a Flax module ``module(x, train)`` into a :class:`Backbone`."""
+    input_shape = tuple(input_shape)
+    dummy = jnp.zeros((1,) + input_shape, jnp.float32)
+
+    def init(key):
+        variables = module.init(key, dummy, train=False)
+        return variables["params"], variables.get("batch_stats", {})
+
+    def apply(params, batch_stats, x, train: bool = False):
+        variables = {"params": params}
+        if batch_stats:
+            variables["batch_stats"] = batch_stats
+        if train and batch_stats:
+            feats, new = module.apply(variables, x, train=True, mutable=["batch_stats"])
+            return feats, new["batch_stats"]
+        return module.apply(variables, x, train=False), batch_stats
+
+    feature_dim = jax.eval_shape(lambda k: module.init_with_output(k, dummy, train=False)[0],
+                                 jax.random.PRNGKey(0)).shape[-1]
+    return Backbone(name, module, input_shape, int(feature_dim), view, init, apply)
+
+
+#: name -> (module factory taking keyword settings, default settings, data view)
+BACKBONES: dict[str, tuple[Callable[..., nn.Module], dict, str]] = {
+    "mlp": (lambda hidden: MLP(tuple(hidden)), {"hidden": [256, 256]}, "flat"),
+    "resnet18": (lambda nf, stem: ResNet18(nf, stem), {"nf": 20, "stem": "cifar"}, "image"),
+    "resnet32": (lambda nf: ResNet32(nf), {"nf": 16}, "image"),
+    "vit": (lambda patch, dim, depth, heads, mlp_ratio: ViT(patch, dim, depth, heads, mlp_ratio),
+            {"patch": 8, "dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 2.0}, "image"),
+}
+
+
+def backbone_view(name: str) -> str:
+    """The data view (``"flat"`` or ``"image"``) that backbone ``name`` consumes."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name][2]
+
+
+def get_backbone(name: str, input_shape, **settings) -> Backbone:
+    """Builds backbone ``name`` for inputs of ``input_shape``; ``settings`` override its defaults."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}")
+    factory, defaults, view = BACKBONES[name]
+    unknown = set(settings) - set(defaults)
+    if unknown:
+        raise ValueError(f"backbone {name!r} has no setting {sorted(unknown)[0]!r}; valid: {', '.join(defaults)}")
+    return from_module(name, factory(**{**defaults, **settings}), input_shape, view)
+
+
+__all__ = ["BACKBONES", "Backbone", "MLP", "ResNet18", "ResNet32", "ViT", "backbone_view", "from_module",
+           "get_backbone"]

@@ -1,0 +1,87 @@
+"""ResNets with explicit BatchNorm state.
+
+* :class:`ResNet18`: four stages of two basic blocks (widths nf, 2nf, 4nf, 8nf). ``stem="cifar"`` is
+  the 3x3 stride-1 stem without max-pool used by the continual-learning literature (nf=20 is the
+  "reduced" ResNet-18 of GEM/DER/PAH, nf=64 the full one); ``stem="imagenet"`` is torchvision's
+  7x7 stride-2 stem with max-pool, for imported ImageNet weights.
+* :class:`ResNet32`: the CIFAR ResNet-32 of He et al. (three stages of five basic blocks, widths
+  16/32/64), the target network of the hypernetwork papers.
+
+Parameter names follow torchvision (``conv1``, ``bn1``, ``layer1_0/conv1``, ``layer1_0/downsample_conv``)
+so that imported state dicts map one-to-one.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+def _bn(train: bool, name: str):
+    # momentum 0.9 here is PyTorch's momentum 0.1.
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus a (1x1 conv + BN) shortcut where the shape changes."""
+
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        y = nn.Conv(self.features, (3, 3), self.stride, padding=1, use_bias=False, name="conv1")(x)
+        y = nn.relu(_bn(train, "bn1")(y))
+        y = nn.Conv(self.features, (3, 3), 1, padding=1, use_bias=False, name="conv2")(y)
+        y = _bn(train, "bn2")(y)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), self.stride, use_bias=False, name="downsample_conv")(x)
+            x = _bn(train, "downsample_bn")(x)
+        return nn.relu(x + y)
+
+
+class _ResNet(nn.Module):
+    widths: Sequence[int]
+    blocks: Sequence[int]
+    stem: str = "cifar"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.stem == "cifar":
+            x = nn.Conv(self.widths[0], (3, 3), 1, padding=1, use_bias=False, name="conv1")(x)
+            x = nn.relu(_bn(train, "bn1")(x))
+        elif self.stem == "imagenet":
+            x = nn.Conv(self.widths[0], (7, 7), 2, padding=3, use_bias=False, name="conv1")(x)
+            x = nn.relu(_bn(train, "bn1")(x))
+            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        else:
+            raise ValueError(f"unknown stem {self.stem!r}; valid: cifar, imagenet")
+        for i, (w, n) in enumerate(zip(self.widths, self.blocks)):
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                x = BasicBlock(w, stride, name=f"layer{i + 1}_{j}")(x, train)
+        return jnp.mean(x, axis=(1, 2))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18; features are the global-average-pooled last stage (8 * nf wide)."""
+
+    nf: int = 20
+    stem: str = "cifar"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        nf = self.nf
+        return _ResNet((nf, 2 * nf, 4 * nf, 8 * nf), (2, 2, 2, 2), self.stem, name="resnet")(x, train)
+
+
+class ResNet32(nn.Module):
+    """CIFAR ResNet-32 (3 stages x 5 blocks); features are 4 * nf wide (64 for nf=16)."""
+
+    nf: int = 16
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        nf = self.nf
+        return _ResNet((nf, 2 * nf, 4 * nf), (5, 5, 5), "cifar", name="resnet")(x, train)

@@ -1,0 +1,97 @@
+"""From a config to a finished run: build the pieces, train, write the workdir.
+
+A workdir receives ``results.json``, ``metrics.csv`` (a row per task and epoch),
+``accuracy_matrix.png`` and ``checkpoints/`` (Orbax, one per finished task).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from clax import checkpoint as ckpt
+from clax.config import check_name, train_config
+from clax.data import BENCHMARKS, get_benchmark
+from clax.methods import METHODS, get_method
+from clax.models import backbone_view, get_backbone
+from clax.plot import accuracy_heatmap
+from clax.train import fit, make_context
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def build(cfg: dict):
+    """``(benchmark, context, method)`` for a config."""
+    check_name("method", cfg["method"], METHODS)
+    check_name("benchmark", cfg["benchmark"], BENCHMARKS)
+    bb = dict(cfg["backbone"])
+    name = bb.pop("name")
+    bench = get_benchmark(cfg["benchmark"], seed=cfg["seed"], view=backbone_view(name))
+    backbone = get_backbone(name, bench.input_shape, **bb)
+    ctx = make_context(backbone, bench, cfg["scenario"])
+    method = get_method(cfg["method"], ctx, **cfg.get(cfg["method"], {}))
+    return bench, ctx, method
+
+
+def run(cfg: dict, workdir: str | None = None, progress: bool = True) -> dict:
+    """Trains and evaluates the run described by ``cfg``; writes the workdir if one is given.
+
+    Returns:
+      The JSON-ready results (the content of ``results.json``).
+    """
+    bench, ctx, method = build(cfg)
+    tcfg = train_config(cfg)
+    rows: list[dict] = []
+    on_task_end = None
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        mngr = ckpt.manager(workdir, keep=cfg.get("checkpoint", {}).get("keep", 2))
+
+        def on_task_end(t, ts, A):
+            ckpt.save(mngr, int(ts.step), ts, A, t, cfg)
+
+    out = fit(method, ctx, bench, tcfg, progress=progress, on_task_end=on_task_end, log=rows.append)
+    results = {
+        "method": cfg["method"],
+        "benchmark": cfg["benchmark"],
+        "scenario": cfg["scenario"],
+        "seed": cfg["seed"],
+        "num_tasks": bench.num_tasks,
+        "accuracy_matrix": out["accuracy_matrix"],
+        "init_accuracy": out["init_accuracy"],
+        "acc": out["acc"],
+        "bwt": out["bwt"],
+        "fwt": out["fwt"],
+        "forgetting": out["forgetting"],
+        "params": out["params"],
+        "timing": out["timing"],
+        "config": cfg,
+    }
+    results = _jsonable(results)
+    if workdir:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(workdir, "metrics.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["task", "epoch", "loss", "seconds"])
+            w.writeheader()
+            w.writerows(rows)
+        accuracy_heatmap(out["accuracy_matrix"], os.path.join(workdir, "accuracy_matrix.png"),
+                         f"{cfg['method']} on {cfg['benchmark']} ({cfg['scenario'].upper()}), "
+                         f"ACC {out['acc']:.3f}, BWT {out['bwt']:+.3f}")
+    return results

@@ -1,0 +1,272 @@
+"""The one continual trainer: any :class:`~clax.methods.Method` on any :class:`~clax.data.Benchmark`.
+
+For each task: ``begin_task``, jit-compiled train steps over epochs, ``end_task``, then evaluation of
+every task seen so far (and of the next one, for FWT, where the method can). The task id enters the
+compiled step as a traced int32, the optimizer state is re-initialised with the same shapes, and all
+batches have one shape, so moving to a new task does not recompile unless the method's shapes change.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from clax import partition as P
+from clax.data import Benchmark, check_scenario, eval_batches, train_batches
+from clax.methods.base import Context, Method, TaskData
+from clax.metrics import summarize
+from clax.models import Backbone
+from clax.partition import CLState
+
+PyTree = Any
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the message names the task and step."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training: method state, optimizer state, RNG key, step."""
+
+    cl: CLState
+    opt_state: PyTree
+    key: jax.Array
+    step: jax.Array
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of the training loop.
+
+    Attributes:
+      epochs: epochs per task.
+      batch_size: training batch size (every batch has exactly this size).
+      eval_batch_size: evaluation batch size (the last batch is padded and masked).
+      optimizer: ``adam``, ``adamw`` or ``sgd``.
+      lr: learning rate; ``weight_decay``, ``momentum`` (sgd), ``clip`` (global norm, 0 = off).
+      seed: seeds parameters, data order and every random draw.
+    """
+
+    epochs: int = 5
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    clip: float = 0.0
+    seed: int = 0
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """The optax optimizer described by ``cfg``."""
+    if cfg.optimizer == "adam":
+        tx = optax.adam(cfg.lr) if not cfg.weight_decay else optax.chain(
+            optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr))
+    elif cfg.optimizer == "adamw":
+        tx = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.sgd(cfg.lr, cfg.momentum or None))
+    else:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: adam, adamw, sgd")
+    return optax.chain(optax.clip_by_global_norm(cfg.clip), tx) if cfg.clip else tx
+
+
+def make_context(backbone: Backbone, bench: Benchmark, scenario: str) -> Context:
+    """The :class:`Context` a method factory needs for ``bench`` under ``scenario``."""
+    check_scenario(scenario)
+    if tuple(backbone.input_shape) != tuple(bench.input_shape):
+        raise ValueError(f"backbone {backbone.name!r} expects inputs of shape {tuple(backbone.input_shape)}, "
+                         f"benchmark {bench.name!r} has images of shape {tuple(bench.input_shape)}")
+    cmax = bench.max_classes_per_task
+    classes = np.full((bench.num_tasks, cmax), -1, np.int64)
+    for t in bench.tasks:
+        classes[t.task_id, :len(t.classes)] = t.classes
+    return Context(backbone, bench.num_tasks, scenario, bench.num_outputs(scenario), classes,
+                   tuple(bench.input_shape))
+
+
+def trainable(cl: CLState, t) -> dict:
+    """The differentiated part of the state: the shared partition and row ``t`` of the per-task one."""
+    return {"shared": cl.shared, "task": P.task_row(cl.per_task, t)}
+
+
+def with_trainable(cl: CLState, t, tr: dict) -> CLState:
+    """Writes the trainable part back; other tasks' rows are left untouched."""
+    return cl.replace(shared=tr["shared"], per_task=P.set_task_row(cl.per_task, t, tr["task"]))
+
+
+def _where_mask(mask, tree):
+    return jax.tree.map(lambda m, x: jnp.where(m, x, jnp.zeros_like(x)), mask, tree)
+
+
+class Steps:
+    """The jit-compiled train and eval steps of one method, with a count of their compilations."""
+
+    def __init__(self, method: Method, tx: optax.GradientTransformation, scenario: str):
+        self.traces = {"train_step": 0, "eval_step": 0}
+
+        def train_step(ts: TrainState, batch: dict, t):
+            self.traces["train_step"] += 1  # runs once per trace, i.e. once per compilation
+            key, sub = jax.random.split(ts.key)
+            tr = trainable(ts.cl, t)
+
+            def loss_fn(tr):
+                return method.loss(with_trainable(ts.cl, t, tr), batch, sub, t)
+
+            (loss, (state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tr)
+            mask = method.update_mask(ts.cl, t) if method.update_mask else None
+            if mask is not None:
+                grads = _where_mask(mask, grads)
+            updates, opt_state = tx.update(grads, ts.opt_state, tr)
+            if mask is not None:
+                updates = _where_mask(mask, updates)
+            cl = with_trainable(ts.cl, t, optax.apply_updates(tr, updates)).replace(state=state)
+            if method.post_update is not None:
+                key, sub2 = jax.random.split(key)
+                cl = method.post_update(cl, batch, sub2, t)
+            return TrainState(cl, opt_state, key, ts.step + 1), {"loss": loss, **metrics}
+
+        def eval_step(cl: CLState, batch: dict, t):
+            self.traces["eval_step"] += 1
+            tid = jnp.full(batch["y"].shape, t, jnp.int32) if scenario == "til" else None
+            pred = jnp.argmax(method.predict(cl, batch["x"], tid), axis=-1)
+            return jnp.sum((pred == batch["y"]) * batch["w"])
+
+        self.train_step = jax.jit(train_step)
+        self.eval_step = jax.jit(eval_step)
+
+    @property
+    def compiles(self) -> int:
+        return sum(self.traces.values())
+
+
+def evaluate(steps: Steps, cl: CLState, bench: Benchmark, scenario: str, c: int, batch_size: int) -> float:
+    """Test accuracy of ``cl`` on task ``c``."""
+    task = bench.tasks[c]
+    y = task.targets(task.y_test, scenario)
+    correct = sum(steps.eval_step(cl, b, jnp.int32(c)) for b in eval_batches(task.x_test, y, batch_size))
+    return float(correct) / len(y)
+
+
+def task_training_data(bench: Benchmark, r: int, scenario: str, cumulative: bool):
+    """``(x, targets, tid)`` of task ``r``, or of tasks ``0..r`` for cumulative (joint) training."""
+    tasks = bench.tasks[: r + 1] if cumulative else [bench.tasks[r]]
+    x = np.concatenate([t.x_train for t in tasks])
+    y = np.concatenate([t.targets(t.y_train, scenario) for t in tasks])
+    tid = np.concatenate([np.full(len(t.y_train), t.task_id, np.int32) for t in tasks])
+    return x, y, tid
+
+
+def count_params(cl: CLState, backbone_count: int, num_tasks: int, method: Method) -> dict:
+    """Parameter counts per partition, trainable parameters and bytes added per task."""
+    row = P.count(cl.per_task) // max(num_tasks, 1)
+    row_bytes = P.nbytes(cl.per_task) // max(num_tasks, 1)
+    extra = [method.task_bytes(cl, t) if method.task_bytes else 0 for t in range(num_tasks)]
+    return {
+        "backbone": backbone_count,
+        "partitions": {n: P.count(getattr(cl, n)) for n in P.PARTITIONS},
+        "per_task": [row] * num_tasks,
+        "bytes_per_task": [row_bytes + e for e in extra],
+    }
+
+
+def fit(
+    method: Method,
+    ctx: Context,
+    bench: Benchmark,
+    cfg: TrainConfig,
+    *,
+    progress: bool = True,
+    on_task_end: Optional[Callable[[int, TrainState, np.ndarray], None]] = None,
+    log: Optional[Callable[[dict], None]] = None,
+) -> dict:
+    """Trains ``method`` through every task of ``bench`` and evaluates after each.
+
+    Args:
+      method: the method, built for ``ctx``.
+      ctx: the stream's context (see :func:`make_context`).
+      bench: the benchmark.
+      cfg: the training loop's settings.
+      progress: show a progress bar per task.
+      on_task_end: called as ``(t, train_state, accuracy_matrix)`` after each task is evaluated
+        (checkpointing hooks in here).
+      log: called with a row dict per task and epoch (``task, epoch, loss, seconds``).
+
+    Returns:
+      A dict with ``accuracy_matrix`` (T x T, NaN where not evaluated), ``init_accuracy``, the metrics
+      of :func:`clax.metrics.summarize`, ``params`` and ``timing``; and ``state``, the final
+      :class:`TrainState`.
+    """
+    from tqdm.auto import tqdm
+
+    scenario, T = ctx.scenario, bench.num_tasks
+    tx = make_optimizer(cfg)
+    steps = Steps(method, tx, scenario)
+    key = jax.random.PRNGKey(cfg.seed)
+    key, k_init = jax.random.split(key)
+    cl = method.init(k_init)
+    P.check(cl, T)
+    backbone_count = P.count(ctx.backbone.init(jax.random.PRNGKey(0))[0])
+    ts = TrainState(cl, tx.init(trainable(cl, 0)), key, jnp.zeros((), jnp.int32))
+
+    A = np.full((T, T), np.nan)
+    b = None
+    if method.evaluates_unseen:
+        b = np.array([evaluate(steps, ts.cl, bench, scenario, c, cfg.eval_batch_size) for c in range(T)])
+    train_s, n_steps = 0.0, 0
+    for r in range(T):
+        x, y, tid = task_training_data(bench, r, scenario, method.cumulative)
+        key, k_begin, k_end = jax.random.split(ts.key, 3)
+        t = jnp.int32(r)
+        cl = method.begin_task(ts.cl, TaskData(r, x, y, k_begin, cfg.batch_size))
+        ts = TrainState(cl, tx.init(trainable(cl, t)), key, ts.step)
+        rng = np.random.default_rng([cfg.seed, r])
+        per_epoch = max(1, -(-len(y) // cfg.batch_size))
+        bar = tqdm(total=cfg.epochs * per_epoch, desc=f"{method.name} task {r + 1}/{T}", disable=not progress,
+                   leave=False, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for epoch in range(cfg.epochs):
+            losses = []
+            for batch in train_batches(x, y, cfg.batch_size, rng, tid):
+                ts, m = steps.train_step(ts, batch, t)
+                losses.append(m["loss"])
+                bar.update(1)
+            mean_loss = float(jnp.mean(jnp.stack(losses)))
+            n_steps += len(losses)
+            if not np.isfinite(mean_loss):
+                bad = int(np.argmax(~np.isfinite(np.asarray(jnp.stack(losses)))))
+                bar.close()
+                raise NonFiniteLossError(f"non-finite loss ({mean_loss}) in task {r}, epoch {epoch}, "
+                                         f"step {epoch * per_epoch + bad} of the task")
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if method.end_epoch is not None:
+                ts = ts.replace(cl=method.end_epoch(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size), epoch))
+            if log:
+                log({"task": r, "epoch": epoch, "loss": mean_loss, "seconds": time.perf_counter() - t0})
+        bar.close()
+        ts = ts.replace(cl=method.end_task(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size)))
+        jax.block_until_ready(ts)
+        train_s += time.perf_counter() - t0
+        last = r + 1 if (method.evaluates_unseen and r + 1 < T) else r
+        for c in range(last + 1):
+            A[r, c] = evaluate(steps, ts.cl, bench, scenario, c, cfg.eval_batch_size)
+        if on_task_end:
+            on_task_end(r, ts, A)
+
+    out = summarize(A, b)
+    out.update(
+        accuracy_matrix=A,
+        init_accuracy=b,
+        params=count_params(ts.cl, backbone_count, T, method),
+        timing={"train_s": train_s, "steps": n_steps, "compiles": steps.compiles, "traces": dict(steps.traces)},
+        state=ts,
+    )
+    return out

@@ -1,0 +1,1 @@
+"""Shared pieces that methods compose: heads and classifiers, distillation, regularisers."""
