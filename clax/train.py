@@ -221,7 +221,7 @@ def fit(
     b = None
     if method.evaluates_unseen:
         b = np.array([evaluate(steps, ts.cl, bench, scenario, c, cfg.eval_batch_size) for c in range(T)])
-    train_s, n_steps = 0.0, 0
+    train_s, n_steps, compiles_after_task = 0.0, 0, []
     for r in range(T):
         x, y, tid = task_training_data(bench, r, scenario, method.cumulative)
         key, k_begin, k_end = jax.random.split(ts.key, 3)
@@ -258,6 +258,7 @@ def fit(
         last = r + 1 if (method.evaluates_unseen and r + 1 < T) else r
         for c in range(last + 1):
             A[r, c] = evaluate(steps, ts.cl, bench, scenario, c, cfg.eval_batch_size)
+        compiles_after_task.append(steps.compiles)
         if on_task_end:
             on_task_end(r, ts, A)
 
@@ -266,7 +267,8 @@ def fit(
         accuracy_matrix=A,
         init_accuracy=b,
         params=count_params(ts.cl, backbone_count, T, method),
-        timing={"train_s": train_s, "steps": n_steps, "compiles": steps.compiles, "traces": dict(steps.traces)},
+        timing={"train_s": train_s, "steps": n_steps, "compiles": steps.compiles, "traces": dict(steps.traces),
+                "compiles_after_task": compiles_after_task},
         state=ts,
     )
     return out

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+
+from clax.data import Benchmark, Task, get_benchmark
+
+
+def test_split_digits_has_five_disjoint_two_class_tasks_with_stratified_80_20_split():
+    b = get_benchmark("split-digits", seed=0)
+    assert b.num_tasks == 5 and b.input_shape == (64,)
+    classes = [set(t.classes) for t in b.tasks]
+    assert all(len(c) == 2 for c in classes)
+    assert set().union(*classes) == set(range(10))
+    n_train = sum(len(t.y_train) for t in b.tasks)
+    n_test = sum(len(t.y_test) for t in b.tasks)
+    assert n_train + n_test == 1797 and abs(n_test / 1797 - 0.2) < 0.01
+    for t in b.tasks:
+        assert set(np.unique(t.y_train)) == set(t.classes) == set(np.unique(t.y_test))
+
+
+def test_class_order_is_fixed_by_the_seed():
+    a, b, c = (get_benchmark("split-digits", seed=s) for s in (0, 0, 1))
+    assert [t.classes for t in a.tasks] == [t.classes for t in b.tasks]
+    assert [t.classes for t in a.tasks] != [t.classes for t in c.tasks]
+
+
+def test_image_view_and_permuted_digits():
+    b = get_benchmark("split-digits", view="image")
+    assert b.input_shape == (32, 32, 3)
+    flat = get_benchmark("split-digits")
+    # each 8x8 pixel becomes a 4x4 block, grey on all three channels
+    np.testing.assert_array_equal(b.tasks[0].x_train[0, ::4, ::4, 1].ravel(), flat.tasks[0].x_train[0])
+    p = get_benchmark("permuted-digits")
+    assert p.num_tasks == 10 and all(t.classes == tuple(range(10)) for t in p.tasks)
+    np.testing.assert_array_equal(np.sort(p.tasks[3].x_train, axis=1), np.sort(p.tasks[0].x_train, axis=1))
+    assert not np.array_equal(p.tasks[3].x_train, p.tasks[0].x_train)
+
+
+def test_til_targets_are_local_and_cil_targets_global():
+    t = get_benchmark("split-digits").tasks[1]
+    y = np.array(t.classes[::-1])
+    assert t.targets(y, "til").tolist() == [1, 0]
+    assert t.targets(y, "cil").tolist() == list(y)
+
+
+def test_labels_outside_the_tasks_classes_are_refused_naming_the_label():
+    x = np.zeros((4, 64), np.float32)
+    with pytest.raises(ValueError, match="label 7"):
+        Task(0, (1, 2), x, np.array([1, 2, 7, 1]), x, np.array([1, 2, 1, 2]))
+
+
+def test_images_of_the_wrong_shape_are_refused_naming_the_shape():
+    x = np.zeros((4, 64), np.float32)
+    good = Task(0, (0, 1), x, np.array([0, 1, 0, 1]), x, np.array([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match=r"\(64,\).*expected \(32, 32, 3\)"):
+        Benchmark("mine", (good,), 2, (32, 32, 3))
+    with pytest.raises(ValueError, match="y_train has shape"):
+        Task(0, (0, 1), x, np.array([0, 1]), x, np.array([0, 1, 0, 1]))
