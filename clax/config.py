@@ -40,7 +40,7 @@ def default_config(method: str = "finetune", benchmark: str = "split-digits") ->
         "scenario": spec.scenarios[0],
         "seed": 0,
         "train": {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k != "seed"} | spec.train,
-        "backbone": {"name": bb, **copy.deepcopy(BACKBONES[bb][1])},
+        "backbone": {"name": bb, **copy.deepcopy(BACKBONES[bb][1]), **copy.deepcopy(spec.backbone_settings)},
         method: copy.deepcopy(spec.defaults),
         "checkpoint": {"every_steps": 0, "keep": 2},
     }

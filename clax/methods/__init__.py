@@ -19,6 +19,7 @@ class MethodSpec(NamedTuple):
     backbone: str = "mlp"       # default backbone on the offline benchmarks
     scenarios: tuple = ("til", "cil")
     train: dict = {}            # overrides of the training-loop defaults
+    backbone_settings: dict = {}  # overrides of the default backbone's settings
 
 
 METHODS: dict[str, MethodSpec] = {
