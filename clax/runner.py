@@ -82,6 +82,7 @@ def run(cfg: dict, workdir: str | None = None, progress: bool = True) -> dict:
         "params": out["params"],
         "timing": out["timing"],
         "config": cfg,
+        **out.get("report", {}),  # optional per-method extras (Method.report), e.g. mask_density
     }
     results = _jsonable(results)
     if workdir:

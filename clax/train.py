@@ -270,5 +270,6 @@ def fit(
         timing={"train_s": train_s, "steps": n_steps, "compiles": steps.compiles, "traces": dict(steps.traces),
                 "compiles_after_task": compiles_after_task},
         state=ts,
+        report=method.report(ts.cl) if method.report else {},
     )
     return out

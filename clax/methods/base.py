@@ -89,6 +89,8 @@ class Method(NamedTuple):
       cumulative: train task ``r`` on the union of tasks ``0..r`` (joint training).
       evaluates_unseen: whether a task can be evaluated before it is trained (for FWT).
       task_bytes: optional ``(cl, t) -> int``: bytes stored for task ``t`` beyond its per-task row.
+      report: optional ``cl -> dict`` of extra per-run results (e.g. per-task ``mask_density`` and
+        ``capacity_used`` of parameter-isolation methods), merged into ``results.json``.
     """
 
     name: str
@@ -103,3 +105,4 @@ class Method(NamedTuple):
     cumulative: bool = False
     evaluates_unseen: bool = True
     task_bytes: Optional[Callable[[CLState, int], int]] = None
+    report: Optional[Callable[[CLState], dict]] = None
