@@ -57,6 +57,8 @@ def _run_one(args, method: str, scenario: str | None, workdir: str | None):
     if scenario:
         cfg["scenario"] = scenario
     cfg["seed"] = args.seed
+    if getattr(args, "data_dir", None):
+        cfg["data_dir"] = args.data_dir
     if args.epochs is not None:
         if args.epochs < 1:
             raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
@@ -129,6 +131,7 @@ def main(argv=None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--epochs", type=int)
     r.add_argument("--workdir")
+    r.add_argument("--data-dir", help="folder of a real data set (image folder, tiny-imagenet-200, TFDS data dir)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     sub.add_parser("list", help="methods, benchmarks and backbones")

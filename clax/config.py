@@ -39,6 +39,7 @@ def default_config(method: str = "finetune", benchmark: str = "split-digits") ->
         "benchmark": benchmark,
         "scenario": spec.scenarios[0],
         "seed": 0,
+        "data_dir": "",  # where real data sets live (image folders, TFDS data dir); see clax.data
         "train": {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k != "seed"} | spec.train,
         "backbone": {"name": bb, **copy.deepcopy(BACKBONES[bb][1]), **copy.deepcopy(spec.backbone_settings)},
         method: copy.deepcopy(spec.defaults),

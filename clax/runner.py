@@ -42,7 +42,10 @@ def build(cfg: dict):
     check_name("benchmark", cfg["benchmark"], BENCHMARKS)
     bb = dict(cfg["backbone"])
     name = bb.pop("name")
-    bench = get_benchmark(cfg["benchmark"], seed=cfg["seed"], view=backbone_view(name))
+    from clax.data.pipeline import benchmark_kwargs
+
+    bench = get_benchmark(cfg["benchmark"], seed=cfg["seed"], view=backbone_view(name),
+                          **benchmark_kwargs(BENCHMARKS[cfg["benchmark"]], cfg))
     backbone = get_backbone(name, bench.input_shape, **bb)
     ctx = make_context(backbone, bench, cfg["scenario"])
     method = get_method(cfg["method"], ctx, **cfg.get(cfg["method"], {}))

@@ -67,10 +67,10 @@ def from_module(name: str, module: nn.Module, input_shape, view: str) -> Backbon
 #: name -> (module factory taking keyword settings, default settings, data view)
 BACKBONES: dict[str, tuple[Callable[..., nn.Module], dict, str]] = {
     "mlp": (lambda hidden: MLP(tuple(hidden)), {"hidden": [256, 256]}, "flat"),
-    "resnet18": (lambda nf, stem: ResNet18(nf, stem), {"nf": 20, "stem": "cifar"}, "image"),
+    "resnet18": (lambda nf, stem: ResNet18(nf, stem), {"nf": 20, "stem": "cifar", "pretrained": ""}, "image"),
     "resnet32": (lambda nf: ResNet32(nf), {"nf": 16}, "image"),
     "vit": (lambda patch, dim, depth, heads, mlp_ratio: ViT(patch, dim, depth, heads, mlp_ratio),
-            {"patch": 8, "dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 2.0}, "image"),
+            {"patch": 8, "dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 2.0, "pretrained": ""}, "image"),
 }
 
 
@@ -82,14 +82,31 @@ def backbone_view(name: str) -> str:
 
 
 def get_backbone(name: str, input_shape, **settings) -> Backbone:
-    """Builds backbone ``name`` for inputs of ``input_shape``; ``settings`` override its defaults."""
+    """Builds backbone ``name`` for inputs of ``input_shape``; ``settings`` override its defaults.
+
+    ``pretrained=PATH`` (resnet18, vit) makes ``init`` return the checkpoint's weights (see
+    :mod:`clax.models.pretrained`); the checkpoint is read and checked against the shapes here.
+    """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}")
     factory, defaults, view = BACKBONES[name]
     unknown = set(settings) - set(defaults)
     if unknown:
         raise ValueError(f"backbone {name!r} has no setting {sorted(unknown)[0]!r}; valid: {', '.join(defaults)}")
-    return from_module(name, factory(**{**defaults, **settings}), input_shape, view)
+    merged = {**defaults, **settings}
+    pretrained = merged.pop("pretrained", "")
+    module = factory(**merged)
+    if pretrained:
+        from clax.models.pretrained import load_into, module_overrides
+
+        if name == "vit":
+            module = module.clone(**module_overrides(pretrained))
+    bb = from_module(name, module, input_shape, view)
+    if not pretrained:
+        return bb
+    shapes = jax.eval_shape(bb.init, jax.random.PRNGKey(0))
+    loaded = load_into(pretrained, *shapes)
+    return bb._replace(init=lambda key: loaded)
 
 
 __all__ = ["BACKBONES", "Backbone", "MLP", "ResNet18", "ResNet32", "ViT", "backbone_view", "from_module",

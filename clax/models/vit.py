@@ -26,35 +26,53 @@ class Attention(nn.Module):
         return nn.Dense(d, name="proj")(out)
 
 
+def quick_gelu(x):
+    """CLIP's GELU approximation ``x * sigmoid(1.702 x)``."""
+    return x * nn.sigmoid(1.702 * x)
+
+
 class Mlp(nn.Module):
     hidden: int
     dim: int
+    act: str = "gelu"
 
     @nn.compact
     def __call__(self, x):
-        x = nn.gelu(nn.Dense(self.hidden, name="fc1")(x), approximate=False)
-        return nn.Dense(self.dim, name="fc2")(x)
+        h = nn.Dense(self.hidden, name="fc1")(x)
+        h = quick_gelu(h) if self.act == "quick_gelu" else nn.gelu(h, approximate=False)
+        return nn.Dense(self.dim, name="fc2")(h)
 
 
 class Block(nn.Module):
     dim: int
     heads: int
     mlp_ratio: float = 4.0
+    eps: float = 1e-6
+    act: str = "gelu"
 
     @nn.compact
     def __call__(self, x):
-        x = x + Attention(self.dim, self.heads, name="attn")(nn.LayerNorm(1e-6, name="norm1")(x))
-        return x + Mlp(int(self.dim * self.mlp_ratio), self.dim, name="mlp")(nn.LayerNorm(1e-6, name="norm2")(x))
+        x = x + Attention(self.dim, self.heads, name="attn")(nn.LayerNorm(self.eps, name="norm1")(x))
+        mlp = Mlp(int(self.dim * self.mlp_ratio), self.dim, self.act, name="mlp")
+        return x + mlp(nn.LayerNorm(self.eps, name="norm2")(x))
 
 
 class ViT(nn.Module):
-    """ViT returning the final-norm CLS feature ``[B, dim]``."""
+    """ViT returning the final-norm CLS feature ``[B, dim]``.
+
+    The defaults are timm's (LayerNorm eps 1e-6, exact GELU). CLIP's image tower is
+    ``eps=1e-5, act="quick_gelu", ln_pre=True, patch_bias=False`` (set by the CLIP importer).
+    """
 
     patch: int = 4
     dim: int = 64
     depth: int = 2
     heads: int = 2
     mlp_ratio: float = 4.0
+    eps: float = 1e-6
+    act: str = "gelu"
+    ln_pre: bool = False
+    patch_bias: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -63,12 +81,15 @@ class ViT(nn.Module):
         b, h, w, _ = x.shape
         if h % self.patch or w % self.patch:
             raise ValueError(f"vit: image {h}x{w} is not divisible into {self.patch}x{self.patch} patches")
-        x = nn.Conv(self.dim, (self.patch, self.patch), self.patch, padding="VALID", name="patch_embed")(x)
+        x = nn.Conv(self.dim, (self.patch, self.patch), self.patch, padding="VALID", use_bias=self.patch_bias,
+                    name="patch_embed")(x)
         x = x.reshape(b, -1, self.dim)
         cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.dim))
         x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)), x], axis=1)
         pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], self.dim))
         x = x + pos
+        if self.ln_pre:
+            x = nn.LayerNorm(self.eps, name="norm_pre")(x)
         for i in range(self.depth):
-            x = Block(self.dim, self.heads, self.mlp_ratio, name=f"blocks_{i}")(x)
-        return nn.LayerNorm(1e-6, name="norm")(x)[:, 0]
+            x = Block(self.dim, self.heads, self.mlp_ratio, self.eps, self.act, name=f"blocks_{i}")(x)
+        return nn.LayerNorm(self.eps, name="norm")(x)[:, 0]
