@@ -146,7 +146,7 @@ def vit_from_timm(sd: dict) -> dict:
     if "fc_norm.weight" in sd:
         raise ValueError("timm checkpoint uses average pooling (fc_norm); clax's ViT pools the class token")
     src = {"patch_embed/kernel": "patch_embed.proj.weight", "patch_embed/bias": "patch_embed.proj.bias",
-           "cls_token": "cls_token", "pos_embed": "pos_embed", "norm/scale": "norm.weight", "norm/bias": "norm.bias"}
+           "cls_token": "cls_token", "pos_embed": "pos_embed"}
     p = {"patch_embed": {"kernel": _conv(sd["patch_embed.proj.weight"]), "bias": sd["patch_embed.proj.bias"]},
          "cls_token": sd["cls_token"], "pos_embed": sd["pos_embed"]}
     for i in range(_depth(sd, r"blocks\.(\d+)\.")):
@@ -162,6 +162,7 @@ def vit_from_timm(sd: dict) -> dict:
             src[f"{c}/{clax_name}/{w}"] = f"{b}.{torch_name}.weight"
             src[f"{c}/{clax_name}/bias"] = f"{b}.{torch_name}.bias"
     p["norm"] = _ln(sd, "norm")
+    src.update({"norm/scale": "norm.weight", "norm/bias": "norm.bias"})
     return {"params": p, "batch_stats": {}, "src": src}
 
 
@@ -170,7 +171,7 @@ def vit_from_clip(sd: dict) -> dict:
     v = "visual." if any(k.startswith("visual.") for k in sd) else ""
     src = {"patch_embed/kernel": f"{v}conv1.weight", "cls_token": f"{v}class_embedding",
            "pos_embed": f"{v}positional_embedding", "norm_pre/scale": f"{v}ln_pre.weight",
-           "norm_pre/bias": f"{v}ln_pre.bias", "norm/scale": f"{v}ln_post.weight", "norm/bias": f"{v}ln_post.bias"}
+           "norm_pre/bias": f"{v}ln_pre.bias"}
     cls, pos = np.asarray(sd[f"{v}class_embedding"]), np.asarray(sd[f"{v}positional_embedding"])
     p = {"patch_embed": {"kernel": _conv(sd[f"{v}conv1.weight"])},
          "cls_token": cls.reshape(1, 1, -1), "pos_embed": pos.reshape((1,) + pos.shape[-2:]),
@@ -191,6 +192,7 @@ def vit_from_clip(sd: dict) -> dict:
             w = "scale" if clax_name.startswith("norm") else "kernel"
             src[f"{c}/{clax_name}/{w}"], src[f"{c}/{clax_name}/bias"] = f"{b}.{torch_w}", f"{b}.{torch_b}"
     p["norm"] = _ln(sd, f"{v}ln_post")
+    src.update({"norm/scale": f"{v}ln_post.weight", "norm/bias": f"{v}ln_post.bias"})
     return {"params": p, "batch_stats": {}, "src": src}
 
 
@@ -274,9 +276,11 @@ def load_into(path: str, params: PyTree, batch_stats: PyTree) -> tuple[PyTree, P
     out = []
     for part, template, got in (("params", params, conv["params"]), ("batch_stats", batch_stats, conv["batch_stats"])):
         flat_t, flat_g = _flatten(dict(template)), _flatten(got)
+        tag = "" if part == "params" else "batch_stats:"
+        order = {k: i for i, k in enumerate(conv["src"])}  # the checkpoint's (forward) order
         loaded = {}
-        for name, leaf in flat_t.items():
-            key = conv["src"].get(name if part == "params" else f"batch_stats:{name}", "?")
+        for name, leaf in sorted(flat_t.items(), key=lambda kv: order.get(tag + kv[0], len(order))):
+            key = conv["src"].get(tag + name, "?")
             if name not in flat_g:
                 raise ValueError(f"pretrained {path} ({conv['kind']}): backbone {part} {name!r} of shape "
                                  f"{tuple(leaf.shape)} has no counterpart in the checkpoint (first missing parameter)")
