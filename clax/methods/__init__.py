@@ -6,6 +6,8 @@ from typing import Callable, NamedTuple
 from clax.methods.base import Context, Method, TaskData
 from clax.methods.ewc import EWC_DEFAULTS, ewc
 from clax.methods.finetune import FINETUNE_DEFAULTS, JOINT_DEFAULTS, finetune, joint
+from clax.methods.hembed import HEMBED_DEFAULTS, hembed
+from clax.methods.hnet import HNET_DEFAULTS, hnet
 from clax.methods.lwf import LWF_DEFAULTS, lwf
 from clax.methods.replay import REPLAY_DEFAULTS, replay
 
@@ -28,6 +30,11 @@ METHODS: dict[str, MethodSpec] = {
     "ewc": MethodSpec(ewc, EWC_DEFAULTS, "elastic weight consolidation (Kirkpatrick et al. 2017)"),
     "lwf": MethodSpec(lwf, LWF_DEFAULTS, "learning without forgetting (Li & Hoiem 2017)"),
     "replay": MethodSpec(replay, REPLAY_DEFAULTS, "experience replay, reservoir buffer"),
+    # hypernetworks (issue 5): the whole MLP target (backbone + head) is generated; 20 epochs on digits
+    "hnet": MethodSpec(hnet, HNET_DEFAULTS, "task-conditioned chunked hypernetwork, HNET+ENT in CIL (von Oswald et al. 2020)",
+                       train={"epochs": 20}, backbone_settings={"hidden": [100, 100]}),
+    "hembed": MethodSpec(hembed, HEMBED_DEFAULTS, "hypernetwork guided by H-score task embeddings (Wu et al. 2025)",
+                         scenarios=("til",), train={"epochs": 20}, backbone_settings={"hidden": [100, 100]}),
 }
 
 
@@ -43,5 +50,5 @@ def get_method(name: str, ctx: Context, **settings) -> Method:
     return spec.factory(ctx, **settings)
 
 
-__all__ = ["METHODS", "Context", "Method", "MethodSpec", "TaskData", "ewc", "finetune", "get_method",
+__all__ = ["METHODS", "Context", "Method", "MethodSpec", "TaskData", "ewc", "finetune", "get_method", "hembed", "hnet",
            "joint", "lwf", "replay"]
