@@ -1,44 +1,315 @@
-"""Orbax checkpoints of the whole trainer state.
+"""Orbax checkpoints of the whole trainer state, and the resumption of a run from them.
 
-A workdir holds ``checkpoints/<step>/`` written by an Orbax ``CheckpointManager``; each item is the
-trainer state as a nested dict (:func:`flax.serialization.to_state_dict`), the accuracy matrix so far
-and the index of the last finished task, with the run's config as JSON metadata.
+A workdir holds ``checkpoints/<step>/`` written by an Orbax ``CheckpointManager`` (``step`` is the
+global train step). Each checkpoint has three items:
+
+* ``state``: the :class:`~clax.train.TrainState` as a nested dict
+  (:func:`flax.serialization.to_state_dict`: method state in its partitions, optimizer state, RNG key,
+  step), the accuracy matrix so far, the initial accuracies, ``task`` (the last finished task, -1 if
+  none) and ``task_key`` (the current task's hook key);
+* ``config``: the run's config (JSON);
+* ``meta``: JSON with the clax version, ``tasks_done``, ``task_step`` (steps taken inside task
+  ``tasks_done``), timing so far, the current epoch's losses, the metrics rows and a CRC-32 of every
+  array of ``state``, so that a corrupted checkpoint is recognised even where Orbax reads it.
+
+Saving is asynchronous: :func:`save_progress` returns once the arrays are on the host and Orbax writes
+them in the background; a checkpoint becomes visible only once complete, so a killed run leaves at
+worst an unfinished temporary directory, which the next manager removes. :func:`latest_intact` walks
+back from the newest checkpoint to the newest readable one and moves unreadable ones to
+``checkpoints.corrupt/`` (never deletes them).
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+import sys
+import zlib
+from typing import Any, Callable, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import serialization
+from flax.traverse_util import flatten_dict
+
+ITEMS = ("state", "config", "meta")
 
 
-def manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
-    """An Orbax CheckpointManager over ``workdir/checkpoints`` keeping the last ``keep`` steps."""
-    path = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+def clax_version() -> str:
+    """The installed clax version (``"unknown"`` when clax is not installed as a package)."""
+    try:
+        from importlib.metadata import version
+        return version("clax")
+    except Exception:  # noqa: BLE001 - a source checkout without metadata
+        return "unknown"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """``workdir/checkpoints`` as an absolute path."""
+    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+    """An Orbax CheckpointManager over ``workdir/checkpoints`` keeping the last ``keep`` steps.
+
+    Unfinished temporary checkpoints (left by a killed run) are removed unless ``read_only``.
+    """
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only))
+
+
+def checksum(item: dict) -> str:
+    """CRC-32 (hex) over the path, dtype, shape and bytes of every array of a nested dict."""
+    crc = 0
+    for path, leaf in sorted(flatten_dict(item, sep="/").items()):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        crc = zlib.crc32(f"{path}|{a.dtype.str}|{a.shape}".encode(), crc)
+        crc = zlib.crc32(a.tobytes(), crc)
+    return f"{crc:08x}"
 
 
 def save(mngr: ocp.CheckpointManager, step: int, train_state: Any, accuracy_matrix: np.ndarray,
          task: int, config: dict) -> None:
-    """Saves the trainer state after ``task`` at global ``step``; waits until it is on disk."""
-    item = {
-        "train_state": serialization.to_state_dict(train_state),
-        "accuracy_matrix": np.asarray(accuracy_matrix, np.float64),
-        "task": np.asarray(task, np.int32),
-    }
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(item),
-                                            config=ocp.args.JsonSave(config)))
+    """Saves the trainer state after finishing ``task`` at global ``step``; waits until it is on disk."""
+    from clax.train import Progress
+    save_progress(mngr, train_state, Progress(task + 1, 0, accuracy_matrix, None, steps=int(step)), config)
     mngr.wait_until_finished()
 
 
+def save_progress(mngr: ocp.CheckpointManager, train_state: Any, progress: Any, config: dict,
+                  rows: Optional[list] = None) -> int:
+    """Saves a :class:`~clax.train.TrainState` with its :class:`~clax.train.Progress` at the global
+    step ``train_state.step``; returns that step. The write finishes in the background."""
+    step = int(train_state.step)
+    key = np.asarray(jax.device_get(train_state.key))
+    b = progress.init_accuracy
+    item = jax.device_get({
+        "train_state": serialization.to_state_dict(train_state),
+        "accuracy_matrix": np.asarray(progress.accuracy_matrix, np.float64),
+        "init_accuracy": np.zeros(0) if b is None else np.asarray(b, np.float64),
+        "task": np.asarray(progress.tasks_done - 1, np.int32),
+        "task_key": np.zeros_like(key) if progress.task_key is None else np.asarray(progress.task_key),
+    })
+    meta = {
+        "clax_version": clax_version(),
+        "step": step,
+        "tasks_done": int(progress.tasks_done),
+        "task_step": int(progress.task_step),
+        "num_tasks": int(np.shape(progress.accuracy_matrix)[0]),
+        "train_s": float(progress.train_s),
+        "steps": int(progress.steps),
+        "compiles_after_task": [int(c) for c in progress.compiles_after_task],
+        "epoch_losses": [float(v) for v in progress.epoch_losses],
+        "rows": [dict(r) for r in (rows or [])],
+        "checksum": checksum(item),
+    }
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(item),
+                                            config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta)))
+    return step
+
+
 def restore_raw(workdir: str, step: int | None = None) -> tuple[dict, dict]:
-    """``(state item as nested dict of NumPy arrays, config)`` of ``step`` (default: the latest)."""
-    mngr = manager(workdir)
+    """``(state item as nested dict of arrays, config)`` of ``step`` (default: the latest)."""
+    mngr = manager(workdir, read_only=True)
     step = mngr.latest_step() if step is None else step
     if step is None:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}")
     out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
                                                      config=ocp.args.JsonRestore()))
     return out["state"], out["config"]
+
+
+def _say(msg: str) -> None:
+    print(f"clax: {msg}", file=sys.stderr, flush=True)
+
+
+def _quiet_closed_loop_errors() -> None:
+    """When a TensorStore read fails, Orbax closes its event loop while other reads still hold
+    callbacks, and each reports an unraisable ``RuntimeError('Event loop is closed')`` as a traceback
+    on stderr; the failure itself is reported by :func:`read`, so those are dropped (others pass)."""
+    prev = sys.unraisablehook
+    if getattr(prev, "_clax_quiet", False):
+        return
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+            return
+        prev(u)
+
+    hook._clax_quiet = True
+    sys.unraisablehook = hook
+
+
+def read(mngr: ocp.CheckpointManager, step: int) -> tuple[dict, dict, dict]:
+    """``(state, config, meta)`` of one checkpoint, its checksum verified.
+
+    Raises:
+      ValueError: the checkpoint cannot be read or its arrays do not match the recorded checksum.
+    """
+    _quiet_closed_loop_errors()
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                         config=ocp.args.JsonRestore(),
+                                                         meta=ocp.args.JsonRestore()))
+        state, config, meta = out["state"], out["config"], out["meta"]
+        if not isinstance(meta, dict) or not isinstance(config, dict):
+            raise ValueError("its config or metadata is missing")
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many kinds
+        msg = " ".join(str(e).split())[:160] or type(e).__name__
+        raise ValueError(f"{type(e).__name__}: {msg}") from None
+    state = jax.tree.map(np.asarray, state)
+    if checksum(state) != meta.get("checksum"):
+        raise ValueError("its arrays do not match the checksum recorded when it was saved")
+    return state, config, meta
+
+
+def latest_intact(workdir: str, read_only: bool = False,
+                  say: Callable[[str], None] = _say) -> Optional[tuple[int, dict, dict, dict]]:
+    """``(step, state, config, meta)`` of the newest readable checkpoint of ``workdir``, or None.
+
+    An unreadable checkpoint is reported through ``say`` (naming its step and the one fallen back to)
+    and, unless ``read_only``, moved to ``checkpoints.corrupt/<step>`` so that training can write that
+    step again; nothing is deleted.
+    """
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        return None
+    mngr = manager(workdir, read_only=True)
+    steps = sorted(mngr.all_steps(), reverse=True)
+    bad = []
+    for i, step in enumerate(steps):
+        try:
+            state, config, meta = read(mngr, step)
+        except ValueError as e:
+            nxt = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint is left"
+            say(f"checkpoint step {step} in {checkpoint_dir(workdir)} is unreadable ({e}); {nxt}")
+            bad.append(step)
+            continue
+        break
+    else:
+        state = None
+    mngr.close()
+    if bad and not read_only:
+        dest = checkpoint_dir(workdir) + ".corrupt"
+        os.makedirs(dest, exist_ok=True)
+        for step in bad:
+            src = os.path.join(checkpoint_dir(workdir), str(step))
+            if os.path.isdir(src):
+                target = os.path.join(dest, str(step))
+                n = 1
+                while os.path.exists(target):
+                    target, n = os.path.join(dest, f"{step}.{n}"), n + 1
+                os.rename(src, target)
+                say(f"moved the unreadable checkpoint to {target}")
+    if state is None:
+        return None
+    return step, state, config, meta
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def config_diff(saved: dict, now: dict, ignore: tuple = ("checkpoint",)) -> list[str]:
+    """Dotted keys whose values differ between two configs, as ``"key: saved X, now Y"``; sections in
+    ``ignore`` (checkpointing settings, which do not change results) are skipped."""
+    a = _flat({k: v for k, v in saved.items() if k not in ignore})
+    b = _flat(json.loads(json.dumps({k: v for k, v in now.items() if k not in ignore})))
+    missing = object()
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, missing), b.get(k, missing)
+        if va != vb:
+            fa = "(absent)" if va is missing else json.dumps(va)
+            fb = "(absent)" if vb is missing else json.dumps(vb)
+            out.append(f"{k}: saved {fa}, now {fb}")
+    return out
+
+
+def train_state_target(method, tx) -> Any:
+    """The shapes and dtypes of a :class:`~clax.train.TrainState` of ``method`` and optimizer ``tx``
+    (``jax.eval_shape`` of ``method.init`` and ``tx.init``; no array is made)."""
+    from clax.train import TrainState, trainable
+
+    def make(key):
+        cl = method.init(key)
+        return TrainState(cl, tx.init(trainable(cl, 0)), key, jnp.zeros((), jnp.int32))
+
+    return jax.eval_shape(make, jax.random.PRNGKey(0))
+
+
+def restore_train_state(raw: dict, method, tx) -> Any:
+    """A :class:`~clax.train.TrainState` from its saved nested dict, with the structure, shapes and
+    dtypes that ``method`` and ``tx`` build.
+
+    Raises:
+      ValueError: the saved state does not have the structure or shapes of ``method``'s state.
+    """
+    target = train_state_target(method, tx)
+    try:
+        ts = serialization.from_state_dict(target, raw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"the checkpoint does not hold a state of method {method.name!r}: {e}") from None
+    t_leaves = jax.tree_util.tree_flatten_with_path(target)[0]
+    leaves, treedef = jax.tree.flatten(ts)
+    if len(leaves) != len(t_leaves):
+        raise ValueError(f"the checkpoint holds {len(leaves)} arrays; method {method.name!r} has {len(t_leaves)}")
+    out = []
+    for (path, t), a in zip(t_leaves, leaves):
+        if tuple(np.shape(a)) != tuple(t.shape):
+            raise ValueError(f"checkpoint leaf {jax.tree_util.keystr(path)} has shape {tuple(np.shape(a))}; "
+                             f"method {method.name!r} expects {tuple(t.shape)}")
+        out.append(jnp.asarray(a, dtype=t.dtype))
+    return jax.tree.unflatten(jax.tree.structure(target), out)
+
+
+def progress_from(state: dict, meta: dict) -> Any:
+    """The :class:`~clax.train.Progress` recorded in a checkpoint."""
+    from clax.train import Progress
+    b = np.asarray(state["init_accuracy"], np.float64)
+    return Progress(
+        tasks_done=int(meta["tasks_done"]), task_step=int(meta["task_step"]),
+        accuracy_matrix=np.asarray(state["accuracy_matrix"], np.float64),
+        init_accuracy=b if b.size else None, train_s=float(meta["train_s"]), steps=int(meta["steps"]),
+        compiles_after_task=list(meta.get("compiles_after_task", [])),
+        task_key=jnp.asarray(state["task_key"]) if int(meta["task_step"]) else None,
+        epoch_losses=[float(v) for v in meta.get("epoch_losses", [])])
+
+
+def move_aside(workdir: str) -> Optional[str]:
+    """Renames a non-empty ``workdir`` to ``workdir.old-N`` (the first free N); returns the new path."""
+    workdir = os.path.normpath(workdir)
+    if not os.path.isdir(workdir) or not os.listdir(workdir):
+        return None
+    n = 1
+    while os.path.exists(f"{workdir}.old-{n}"):
+        n += 1
+    os.rename(workdir, f"{workdir}.old-{n}")
+    return f"{workdir}.old-{n}"
+
+
+def load_resume(workdir: str, config: dict, method, tx,
+                say: Callable[[str], None] = _say) -> Optional[tuple[Any, Any, list]]:
+    """``(train_state, progress, metrics rows)`` to resume the run of ``config`` in ``workdir``, or None
+    when the workdir holds no intact checkpoint.
+
+    Raises:
+      ValueError: the workdir's checkpoint was written with a different config (the message names the
+        differing keys and how to start fresh) or for a differently shaped state.
+    """
+    found = latest_intact(workdir, say=say)
+    if found is None:
+        return None
+    step, state, saved, meta = found
+    diff = config_diff(saved, config)
+    if diff:
+        raise ValueError(f"{os.path.normpath(workdir)} holds a run with a different config ("
+                         f"{'; '.join(diff)}); rerun with --fresh to move it aside and start over, or "
+                         f"use another --workdir")
+    ts = restore_train_state(state["train_state"], method, tx)
+    return ts, progress_from(state, meta), list(meta.get("rows", []))

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3  # training stopped on a NaN or infinite loss
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,7 +67,7 @@ def _run_one(args, method: str, scenario: str | None, workdir: str | None):
     cfg = apply_overrides(cfg, args.set or [])
     from clax.runner import run
 
-    return run(cfg, workdir, progress=not args.quiet)
+    return run(cfg, workdir, progress=not args.quiet, fresh=getattr(args, "fresh", False))
 
 
 def cmd_run(args) -> int:
@@ -134,16 +135,28 @@ def main(argv=None) -> int:
     r.add_argument("--data-dir", help="folder of a real data set (image folder, tiny-imagenet-200, TFDS data dir)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--fresh", action="store_true",
+                   help="move an existing workdir to WORKDIR.old-N and start over instead of resuming")
+    from clax.inspect import add_commands
+
+    add_commands(sub)
     sub.add_parser("list", help="methods, benchmarks and backbones")
     args = p.parse_args(argv)
     if args.cmd is None:
         p.print_help()
         return EXIT_USAGE
     try:
-        return {"run": cmd_run, "list": cmd_list}[args.cmd](args)
+        return {"run": cmd_run, "list": cmd_list}.get(args.cmd, getattr(args, "func", None))(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"clax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as e:
+        from clax.train import NonFiniteLossError
+
+        if not isinstance(e, NonFiniteLossError):
+            raise
+        print(f"clax: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         print("clax: interrupted", file=sys.stderr)
         return 130

@@ -19,7 +19,47 @@ from clax.data import BENCHMARKS, get_benchmark
 from clax.methods import METHODS, get_method
 from clax.models import backbone_view, get_backbone
 from clax.plot import accuracy_heatmap
-from clax.train import fit, make_context
+from clax.train import NonFiniteLossError, fit, make_context, make_optimizer
+
+
+def _checkpointing(cfg: dict, workdir: str, method, tcfg, fresh: bool) -> tuple[dict, list]:
+    """fit()'s checkpoint arguments for ``workdir`` (resuming where it holds checkpoints) and the
+    metrics rows so far."""
+    if fresh and (old := ckpt.move_aside(workdir)):
+        ckpt._say(f"moved the previous run to {old}; starting fresh in {workdir}")
+    os.makedirs(workdir, exist_ok=True)
+    found = ckpt.load_resume(workdir, cfg, method, make_optimizer(tcfg))
+    rows: list[dict] = []
+    kw: dict = {}
+    if found:
+        ts, prog, rows = found
+        T = prog.accuracy_matrix.shape[0]
+        where = "the finished run" if prog.tasks_done >= T else (
+            f"task {prog.tasks_done}, step {prog.task_step} of the task" if prog.task_step else
+            f"the start of task {prog.tasks_done}")
+        ckpt._say(f"resuming {workdir} from checkpoint step {int(ts.step)} ({where}); --fresh starts over")
+        kw["resume"] = (ts, prog)
+    sec = cfg.get("checkpoint", {})
+    mngr = ckpt.manager(workdir, keep=sec.get("keep", 2))
+
+    def save(ts, progress):
+        ckpt.save_progress(mngr, ts, progress, cfg, rows)
+
+    save.mngr = mngr
+    kw.update(checkpoint=save, checkpoint_every=int(sec.get("every_steps", 0)))
+    return kw, rows
+
+
+def _last_good(e: Exception, workdir: str | None, kw: dict) -> str:
+    """The message of a non-finite-loss stop, with where the last good checkpoint is."""
+    if not kw:
+        return f"{e}; stopped"
+    mngr = kw["checkpoint"].mngr
+    mngr.wait_until_finished()
+    step = mngr.latest_step()
+    where = f"the last good checkpoint (step {step}) is kept in {ckpt.checkpoint_dir(workdir)}" \
+        if step is not None else "no checkpoint had been written"
+    return f"{e}; stopped, {where}"
 
 
 def _jsonable(x: Any) -> Any:
@@ -52,8 +92,12 @@ def build(cfg: dict):
     return bench, ctx, method
 
 
-def run(cfg: dict, workdir: str | None = None, progress: bool = True) -> dict:
+def run(cfg: dict, workdir: str | None = None, progress: bool = True, fresh: bool = False) -> dict:
     """Trains and evaluates the run described by ``cfg``; writes the workdir if one is given.
+
+    A workdir that holds checkpoints of the same config is resumed from its newest intact one (the
+    results equal those of an uninterrupted run); one of a different config is refused (ValueError
+    naming the keys) unless ``fresh``, which first moves the old workdir to ``WORKDIR.old-N``.
 
     Returns:
       The JSON-ready results (the content of ``results.json``).
@@ -61,15 +105,17 @@ def run(cfg: dict, workdir: str | None = None, progress: bool = True) -> dict:
     bench, ctx, method = build(cfg)
     tcfg = train_config(cfg)
     rows: list[dict] = []
-    on_task_end = None
+    kw: dict = {}
     if workdir:
-        os.makedirs(workdir, exist_ok=True)
-        mngr = ckpt.manager(workdir, keep=cfg.get("checkpoint", {}).get("keep", 2))
-
-        def on_task_end(t, ts, A):
-            ckpt.save(mngr, int(ts.step), ts, A, t, cfg)
-
-    out = fit(method, ctx, bench, tcfg, progress=progress, on_task_end=on_task_end, log=rows.append)
+        kw, rows = _checkpointing(cfg, workdir, method, tcfg, fresh)
+    try:
+        out = fit(method, ctx, bench, tcfg, progress=progress, log=rows.append, **kw)
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(_last_good(e, workdir, kw)) from None
+    finally:
+        if kw:
+            kw["checkpoint"].mngr.wait_until_finished()
+            kw["checkpoint"].mngr.close()
     results = {
         "method": cfg["method"],
         "benchmark": cfg["benchmark"],

@@ -31,6 +31,30 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss; the message names the task and step."""
 
 
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands, beside its :class:`TrainState`: what a checkpoint needs to resume it.
+
+    Attributes:
+      tasks_done: tasks finished (trained, ``end_task`` run and evaluated), ``0 .. T``.
+      task_step: steps of task ``tasks_done`` already taken; 0 means its ``begin_task`` has not run.
+      accuracy_matrix: ``[T, T]`` so far (NaN where not evaluated); init_accuracy: ``[T]`` or None.
+      train_s, steps: training seconds and global steps so far; compiles_after_task: per finished task.
+      task_key: the key of the current task's ``end_epoch``/``end_task`` hooks (mid-task only).
+      epoch_losses: the losses of the current epoch's steps taken so far (mid-task only).
+    """
+
+    tasks_done: int
+    task_step: int
+    accuracy_matrix: np.ndarray
+    init_accuracy: Optional[np.ndarray]
+    train_s: float = 0.0
+    steps: int = 0
+    compiles_after_task: list = dataclasses.field(default_factory=list)
+    task_key: Optional[Any] = None
+    epoch_losses: list = dataclasses.field(default_factory=list)
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything that changes during training: method state, optimizer state, RNG key, step."""
@@ -178,6 +202,20 @@ def count_params(cl: CLState, backbone_count: int, num_tasks: int, method: Metho
     }
 
 
+def _check_finite(ts: TrainState, t, losses: list, r: int, epoch: int, per_epoch: int) -> None:
+    """Raises :class:`NonFiniteLossError` naming task ``r`` and the step if a loss of the current epoch
+    (``losses``) or a trained parameter is NaN or infinite."""
+    arr = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
+    if not np.isfinite(arr).all():
+        bad = int(np.argmax(~np.isfinite(arr)))
+        raise NonFiniteLossError(f"non-finite loss ({arr[bad]}) in task {r}, epoch {epoch}, "
+                                 f"step {epoch * per_epoch + bad} of the task")
+    leaves = [x for x in jax.tree.leaves(trainable(ts.cl, t)) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if leaves and not bool(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))):
+        raise NonFiniteLossError(f"non-finite parameters in task {r} after step "
+                                 f"{epoch * per_epoch + len(losses)} of the task")
+
+
 def fit(
     method: Method,
     ctx: Context,
@@ -187,6 +225,9 @@ def fit(
     progress: bool = True,
     on_task_end: Optional[Callable[[int, TrainState, np.ndarray], None]] = None,
     log: Optional[Callable[[dict], None]] = None,
+    resume: Optional[tuple[TrainState, Progress]] = None,
+    checkpoint: Optional[Callable[[TrainState, Progress], None]] = None,
+    checkpoint_every: int = 0,
 ) -> dict:
     """Trains ``method`` through every task of ``bench`` and evaluates after each.
 
@@ -199,6 +240,11 @@ def fit(
       on_task_end: called as ``(t, train_state, accuracy_matrix)`` after each task is evaluated
         (checkpointing hooks in here).
       log: called with a row dict per task and epoch (``task, epoch, loss, seconds``).
+      resume: ``(train_state, progress)`` of a checkpoint: training continues from there and ends as
+        an uninterrupted run would (the data order is a function of seed, task and epoch only).
+      checkpoint: called as ``(train_state, progress)`` after each task is evaluated and, when
+        ``checkpoint_every > 0``, every that many steps inside a task; a non-finite loss or parameter
+        raises :class:`NonFiniteLossError` before a bad state reaches it.
 
     Returns:
       A dict with ``accuracy_matrix`` (T x T, NaN where not evaluated), ``init_accuracy``, the metrics
@@ -219,33 +265,49 @@ def fit(
 
     A = np.full((T, T), np.nan)
     b = None
-    if method.evaluates_unseen:
+    if resume is None and method.evaluates_unseen:
         b = np.array([evaluate(steps, ts.cl, bench, scenario, c, cfg.eval_batch_size) for c in range(T)])
     train_s, n_steps, compiles_after_task = 0.0, 0, []
-    for r in range(T):
+    start, skip = 0, 0
+    if resume is not None:
+        ts, pr = resume
+        A, b, start, skip = np.array(pr.accuracy_matrix, np.float64), pr.init_accuracy, pr.tasks_done, pr.task_step
+        train_s, n_steps = pr.train_s, pr.steps - len(pr.epoch_losses)
+        compiles_after_task = list(pr.compiles_after_task)
+    for r in range(start, T):
         x, y, tid = task_training_data(bench, r, scenario, method.cumulative)
-        key, k_begin, k_end = jax.random.split(ts.key, 3)
         t = jnp.int32(r)
-        cl = method.begin_task(ts.cl, TaskData(r, x, y, k_begin, cfg.batch_size))
-        ts = TrainState(cl, tx.init(trainable(cl, t)), key, ts.step)
-        rng = np.random.default_rng([cfg.seed, r])
+        done = skip if r == start else 0  # steps of this task already taken (resuming inside it)
+        if done:
+            k_end = jnp.asarray(resume[1].task_key)
+        else:
+            key, k_begin, k_end = jax.random.split(ts.key, 3)
+            cl = method.begin_task(ts.cl, TaskData(r, x, y, k_begin, cfg.batch_size))
+            ts = TrainState(cl, tx.init(trainable(cl, t)), key, ts.step)
         per_epoch = max(1, -(-len(y) // cfg.batch_size))
-        bar = tqdm(total=cfg.epochs * per_epoch, desc=f"{method.name} task {r + 1}/{T}", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(total=cfg.epochs * per_epoch, initial=done, desc=f"{method.name} task {r + 1}/{T}",
+                   disable=not progress, leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
-        for epoch in range(cfg.epochs):
-            losses = []
-            for batch in train_batches(x, y, cfg.batch_size, rng, tid):
+        for epoch in range(done // per_epoch, cfg.epochs):
+            # The data order depends on (seed, task, epoch) only, so a resumed run sees the same batches.
+            rng = np.random.default_rng([cfg.seed, r, epoch])
+            losses = [jnp.float32(v) for v in resume[1].epoch_losses] if done and epoch == done // per_epoch else []
+            for i, batch in enumerate(train_batches(x, y, cfg.batch_size, rng, tid)):
+                s = epoch * per_epoch + i + 1  # steps of the task after this one
+                if s <= done:
+                    continue
                 ts, m = steps.train_step(ts, batch, t)
                 losses.append(m["loss"])
                 bar.update(1)
+                if checkpoint and checkpoint_every and s % checkpoint_every == 0 and s < cfg.epochs * per_epoch:
+                    _check_finite(ts, t, losses, r, epoch, per_epoch)
+                    checkpoint(ts, Progress(r, s, A.copy(), b, train_s + time.perf_counter() - t0, int(ts.step),
+                                            list(compiles_after_task), k_end, [float(v) for v in losses]))
             mean_loss = float(jnp.mean(jnp.stack(losses)))
             n_steps += len(losses)
             if not np.isfinite(mean_loss):
-                bad = int(np.argmax(~np.isfinite(np.asarray(jnp.stack(losses)))))
                 bar.close()
-                raise NonFiniteLossError(f"non-finite loss ({mean_loss}) in task {r}, epoch {epoch}, "
-                                         f"step {epoch * per_epoch + bad} of the task")
+                _check_finite(ts, t, losses, r, epoch, per_epoch)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if method.end_epoch is not None:
                 ts = ts.replace(cl=method.end_epoch(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size), epoch))
@@ -261,6 +323,9 @@ def fit(
         compiles_after_task.append(steps.compiles)
         if on_task_end:
             on_task_end(r, ts, A)
+        if checkpoint:
+            _check_finite(ts, t, [], r, cfg.epochs, per_epoch)
+            checkpoint(ts, Progress(r + 1, 0, A.copy(), b, train_s, n_steps, list(compiles_after_task)))
 
     out = summarize(A, b)
     out.update(

@@ -1,0 +1,273 @@
+"""What a workdir stored: ``clax inspect WORKDIR [--task N] [--json]`` and ``clax eval WORKDIR``.
+
+``inspect`` reads the newest intact checkpoint without building the method's training step: the tasks
+done, every leaf of every partition (shape, dtype, parameter count, bytes), the bytes each task adds,
+and, found by the leaf's name so that any method gets them by naming its leaves accordingly:
+
+* mask densities for every leaf whose path contains ``mask`` (fraction of nonzero entries; a ``uint8``
+  mask counts set bits, as bit-packed masks are; leaves with a leading task axis get one density per
+  task);
+* a task-distance matrix (Euclidean, between flattened rows) for every leaf whose name contains
+  ``task_emb`` and has a leading task axis (hypernetwork task embeddings), and for ``prototypes``
+  leaves with a leading task axis (PAH's task embedding is the flatten of its prototypes);
+* a PNG grid of every leaf whose name contains ``prototype`` (one small image per class), written to
+  ``WORKDIR/inspect/`` (or ``--png-dir``).
+
+``eval`` rebuilds the method from the saved config, restores its state and re-evaluates every finished
+task on the benchmark's test sets, comparing with the saved accuracy matrix.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+PARTITIONS = ("frozen", "shared", "per_task", "state", "extra")
+
+
+def _leaves(tree) -> list[tuple[str, np.ndarray]]:
+    from flax.traverse_util import flatten_dict
+
+    return [(p, np.asarray(v)) for p, v in sorted(flatten_dict(tree, sep="/").items())] if tree else []
+
+
+def mask_density(a: np.ndarray) -> float:
+    """Fraction of nonzero entries of a mask; for ``uint8`` (bit-packed) masks, of set bits."""
+    if a.size == 0:
+        return float("nan")
+    if a.dtype == np.uint8:
+        return float(np.unpackbits(a.ravel()).mean())
+    return float(np.count_nonzero(a) / a.size)
+
+
+def distance_matrix(rows: np.ndarray) -> np.ndarray:
+    """``[n, n]`` Euclidean distances between the flattened rows of ``rows`` ``[n, ...]``."""
+    f = np.asarray(rows, np.float64).reshape(rows.shape[0], -1)
+    return np.sqrt(np.maximum(((f[:, None, :] - f[None, :, :]) ** 2).sum(-1), 0.0))
+
+
+def save_image_grid(a: np.ndarray, path: str, title: str = "") -> None:
+    """Writes the small images of ``a`` to a PNG grid.
+
+    ``a`` is ``[..., H, W]`` or ``[..., H, W, C]`` with C in {1, 3}; with two leading axes (task, class)
+    a row per task, otherwise a square-ish grid.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = np.asarray(a, np.float64)
+    img_nd = 3 if a.ndim >= 3 and a.shape[-1] in (1, 3) else 2
+    lead = a.shape[: a.ndim - img_nd]
+    imgs = a.reshape((-1,) + a.shape[a.ndim - img_nd:])
+    if img_nd == 3 and imgs.shape[-1] == 1:
+        imgs = imgs[..., 0]
+    n = imgs.shape[0]
+    rows, cols = (lead[0], int(np.prod(lead[1:]))) if len(lead) >= 2 else (
+        math.ceil(n / math.ceil(math.sqrt(n))), math.ceil(math.sqrt(n)))
+    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols + 0.4, 0.9 * rows + 0.5), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+        ax.axis("off")
+        if i < n:
+            im = imgs[i]
+            lo, hi = float(im.min()), float(im.max())
+            ax.imshow((im - lo) / (hi - lo) if hi > lo else np.zeros_like(im), cmap="gray" if im.ndim == 2 else None)
+    fig.suptitle(title, fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _task_bytes(cfg: dict, cl: dict, T: int, row_bytes: int) -> tuple[list[int], str]:
+    """Bytes stored per task: the per-task row plus the method's ``task_bytes`` where it has one."""
+    try:
+        import jax
+        import jax.numpy as jnp
+
+        from clax.partition import CLState
+        from clax.runner import build
+
+        method = build(cfg)[2]
+        if method.task_bytes is None:
+            return [row_bytes] * T, "per-task row"
+        state = CLState(**{k: jax.tree.map(jnp.asarray, cl[k]) for k in PARTITIONS})
+        return [row_bytes + int(method.task_bytes(state, t)) for t in range(T)], "per-task row + method.task_bytes"
+    except Exception as e:  # noqa: BLE001 - the method cannot be rebuilt here (e.g. data absent)
+        return [row_bytes] * T, f"per-task row only (method not rebuilt: {type(e).__name__})"
+
+
+def describe(workdir: str, task: Optional[int] = None, png_dir: Optional[str] = None) -> dict:
+    """What the newest intact checkpoint of ``workdir`` holds, as a JSON-ready dict (see the module
+    docstring); with ``task``, per-task leaves, densities and distances are restricted to that task.
+
+    Raises:
+      FileNotFoundError: the workdir has no readable checkpoint.
+      ValueError: ``task`` is out of range.
+    """
+    from clax import checkpoint as ckpt
+
+    found = ckpt.latest_intact(workdir, read_only=True)
+    if found is None:
+        raise FileNotFoundError(f"no readable checkpoint in {ckpt.checkpoint_dir(workdir)}")
+    step, state, cfg, meta = found
+    cl = state["train_state"]["cl"]
+    T = int(meta["num_tasks"])
+    if task is not None and not 0 <= task < T:
+        raise ValueError(f"--task must be in 0..{T - 1}, got {task}")
+    done = int(meta["tasks_done"])
+    A = np.asarray(state["accuracy_matrix"], np.float64)
+    out: dict = {
+        "workdir": os.path.abspath(workdir), "step": int(step), "clax_version": meta.get("clax_version"),
+        "method": cfg.get("method"), "benchmark": cfg.get("benchmark"), "scenario": cfg.get("scenario"),
+        "num_tasks": T, "tasks_done": done, "task_step": int(meta["task_step"]),
+        "accuracy_matrix": [[None if not np.isfinite(v) else float(v) for v in row] for row in A],
+        "partitions": {}, "masks": [], "task_distances": [], "prototypes": [],
+    }
+    for name in PARTITIONS:
+        leaves = []
+        for path, a in _leaves(cl.get(name, {})):
+            entry = {"path": path, "shape": list(a.shape), "dtype": str(a.dtype), "count": int(a.size),
+                     "bytes": int(a.nbytes)}
+            if name == "per_task" and task is not None:
+                r = a[task]
+                entry["task_row"] = {"shape": list(r.shape), "count": int(r.size), "bytes": int(r.nbytes)}
+            leaves.append(entry)
+        out["partitions"][name] = {"count": sum(e["count"] for e in leaves),
+                                   "bytes": sum(e["bytes"] for e in leaves), "leaves": leaves}
+    row_bytes = out["partitions"]["per_task"]["bytes"] // max(T, 1)
+    out["bytes_per_task"], out["bytes_per_task_from"] = _task_bytes(cfg, cl, T, row_bytes)
+    if task is not None:
+        out["task"] = task
+        out["task_bytes"] = out["bytes_per_task"][task]
+    seen = done if done else T
+    tasks = [task] if task is not None else list(range(T))
+    for name in PARTITIONS:
+        for path, a in _leaves(cl.get(name, {})):
+            full, leaf = f"{name}/{path}", path.rsplit("/", 1)[-1].lower()
+            per_task = a.ndim >= 2 and a.shape[0] == T
+            if "mask" in full.lower():
+                m = {"path": full, "shape": list(a.shape), "packed": a.dtype == np.uint8}
+                if per_task:
+                    m["per_task"] = {str(t): mask_density(a[t]) for t in tasks}
+                else:
+                    m["density"] = mask_density(a)
+                out["masks"].append(m)
+            if ("task_emb" in leaf or "prototype" in leaf) and per_task:
+                D = distance_matrix(a[:seen])
+                d = {"path": full, "tasks": list(range(seen)),
+                     "distance": [[float(v) for v in row] for row in D]}
+                if task is not None and task < seen:
+                    d["from_task"] = d["distance"][task]
+                out["task_distances"].append(d)
+            if "prototype" in leaf and a.ndim >= 3:
+                folder = png_dir or os.path.join(workdir, "inspect")
+                os.makedirs(folder, exist_ok=True)
+                png = os.path.join(folder, full.replace("/", "_") + ".png")
+                save_image_grid(a[task] if task is not None and per_task else a, png,
+                                f"{full} {list(a.shape)}")
+                out["prototypes"].append({"path": full, "shape": list(a.shape), "png": os.path.abspath(png)})
+    return out
+
+
+def format_description(d: dict) -> str:
+    """``describe``'s dict as text."""
+    T, done = d["num_tasks"], d["tasks_done"]
+    where = f"{done} of {T} tasks done" + (f", task {done} at step {d['task_step']}" if d["task_step"] else "")
+    lines = [f"{d['workdir']}: {d['method']} on {d['benchmark']} ({str(d['scenario']).upper()}), "
+             f"checkpoint step {d['step']}: {where}", "",
+             f"{'partition/leaf':<44} {'shape':<18} {'dtype':<8} {'params':>10} {'bytes':>11}"]
+    for name, p in d["partitions"].items():
+        lines.append(f"{name:<44} {'':<18} {'':<8} {p['count']:>10d} {p['bytes']:>11d}")
+        for e in p["leaves"]:
+            lines.append(f"  {e['path']:<42} {str(tuple(e['shape'])):<18} {e['dtype']:<8} {e['count']:>10d} "
+                         f"{e['bytes']:>11d}")
+            if "task_row" in e:
+                r = e["task_row"]
+                lines.append(f"    task {d['task']} row{'':<33} {str(tuple(r['shape'])):<18} {'':<8} "
+                             f"{r['count']:>10d} {r['bytes']:>11d}")
+    total = sum(p["count"] for p in d["partitions"].values())
+    lines += [f"{'total':<44} {'':<18} {'':<8} {total:>10d} "
+              f"{sum(p['bytes'] for p in d['partitions'].values()):>11d}", "",
+              f"bytes per task ({d['bytes_per_task_from']}): {d['bytes_per_task']}"]
+    for m in d["masks"]:
+        dens = m.get("per_task") or {"all": m.get("density")}
+        lines.append(f"mask density {m['path']}: " + ", ".join(f"{k}: {v:.3f}" for k, v in dens.items()))
+    for t in d["task_distances"]:
+        lines.append(f"task distances ({t['path']}):")
+        lines += ["  " + " ".join(f"{v:8.3f}" for v in row) for row in t["distance"]]
+    for p in d["prototypes"]:
+        lines.append(f"prototypes {p['path']} {tuple(p['shape'])}: {p['png']}")
+    return "\n".join(lines)
+
+
+def evaluate_workdir(workdir: str) -> dict:
+    """Re-evaluates the newest intact checkpoint of ``workdir`` on its benchmark's test sets.
+
+    Returns:
+      ``{"step", "tasks_done", "accuracy": [per evaluated task], "saved": [the saved accuracy matrix's
+      row for that state, None where absent], "matches": bool}``.
+    """
+    from clax.config import train_config
+    from clax.runner import build
+    from clax.train import Steps, evaluate, make_optimizer
+
+    from clax import checkpoint as ckpt
+
+    found = ckpt.latest_intact(workdir, read_only=True)
+    if found is None:
+        raise FileNotFoundError(f"no readable checkpoint in {ckpt.checkpoint_dir(workdir)}")
+    step, state, cfg, meta = found
+    bench, ctx, method = build(cfg)
+    tcfg = train_config(cfg)
+    tx = make_optimizer(tcfg)
+    ts = ckpt.restore_train_state(state["train_state"], method, tx)
+    done, T = int(meta["tasks_done"]), bench.num_tasks
+    n = min(T, done + (1 if int(meta["task_step"]) else 0))
+    steps = Steps(method, tx, ctx.scenario)
+    acc = [evaluate(steps, ts.cl, bench, ctx.scenario, c, tcfg.eval_batch_size) for c in range(n)]
+    A = np.asarray(state["accuracy_matrix"], np.float64)
+    saved = [None] * n
+    if done and not int(meta["task_step"]):
+        saved = [None if not np.isfinite(v) else float(v) for v in A[done - 1, :n]]
+    matches = all(s is None or s == a for s, a in zip(saved, acc))
+    return {"workdir": os.path.abspath(workdir), "step": int(step), "method": cfg["method"],
+            "benchmark": cfg["benchmark"], "scenario": cfg["scenario"], "tasks_done": done, "accuracy": acc,
+            "saved": saved, "matches": matches}
+
+
+def cmd_inspect(args) -> int:
+    """``clax inspect``."""
+    d = describe(args.workdir, args.task, args.png_dir)
+    print(json.dumps(d, indent=1) if args.json else format_description(d))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """``clax eval``: prints the re-evaluated accuracies; exit 1 if they differ from the saved ones."""
+    r = evaluate_workdir(args.workdir)
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(f"{r['method']} on {r['benchmark']} ({r['scenario'].upper()}), checkpoint step {r['step']}, "
+              f"{r['tasks_done']} tasks done")
+        for c, (a, s) in enumerate(zip(r["accuracy"], r["saved"])):
+            print(f"  task {c}: {a:.4f}" + ("" if s is None else f"  (saved {s:.4f})"))
+        print("matches the saved accuracy matrix" if r["matches"] else "DIFFERS from the saved accuracy matrix")
+    return 0 if r["matches"] else 1
+
+
+def add_commands(sub) -> None:
+    """Adds ``inspect`` and ``eval`` to the ``clax`` command's subparsers."""
+    i = sub.add_parser("inspect", help="what a workdir's checkpoint holds, per partition and per task")
+    i.add_argument("workdir")
+    i.add_argument("--task", type=int, help="restrict per-task rows, densities and distances to task N")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("--png-dir", help="where prototype PNGs go (default WORKDIR/inspect)")
+    i.set_defaults(func=cmd_inspect)
+    e = sub.add_parser("eval", help="re-evaluate a workdir's saved state on its benchmark")
+    e.add_argument("workdir")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    e.set_defaults(func=cmd_eval)
