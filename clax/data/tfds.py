@@ -46,8 +46,9 @@ def _open(name: str, split: str, data_dir: str | None, download: bool, **kw):
         return tfds.data_source(name, split=split, data_dir=data_dir, download=download, **kw)
     except Exception as e:  # not prepared, prepared as tfrecord, or a builder that needs TensorFlow
         where = data_dir or os.path.expanduser("~/tensorflow_datasets")
+        first = str(e).splitlines()[0][:160] if str(e) else ""
         raise ValueError(f"TFDS data set {name!r} (split {split!r}) is not available as array_record in "
-                         f"{where} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                         f"{where} ({type(e).__name__}: {first}); "
                          + PREPARE_HINT.format(name=name, dir=where)) from None
 
 
