@@ -189,6 +189,16 @@ def task_training_data(bench: Benchmark, r: int, scenario: str, cumulative: bool
     return x, y, tid
 
 
+def _stream(batches, x):
+    """``batches``, computed ahead in a background thread when ``x`` is a lazy image source
+    (:class:`clax.data.pipeline.ImageSource`: decoding overlaps the compiled step); arrays as they are."""
+    if isinstance(x, np.ndarray):
+        return batches
+    from clax.data.pipeline import prefetch
+
+    return prefetch(batches)
+
+
 def count_params(cl: CLState, backbone_count: int, num_tasks: int, method: Method) -> dict:
     """Parameter counts per partition, trainable parameters and bytes added per task."""
     row = P.count(cl.per_task) // max(num_tasks, 1)
@@ -292,7 +302,7 @@ def fit(
             # The data order depends on (seed, task, epoch) only, so a resumed run sees the same batches.
             rng = np.random.default_rng([cfg.seed, r, epoch])
             losses = [jnp.float32(v) for v in resume[1].epoch_losses] if done and epoch == done // per_epoch else []
-            for i, batch in enumerate(train_batches(x, y, cfg.batch_size, rng, tid)):
+            for i, batch in enumerate(_stream(train_batches(x, y, cfg.batch_size, rng, tid), x)):
                 s = epoch * per_epoch + i + 1  # steps of the task after this one
                 if s <= done:
                     continue

@@ -144,8 +144,9 @@ class ImageSource:
         return f"ImageSource(shape={self.shape}, augment={self.augment}, segments={len(self.segments)})"
 
     def take(self, positions) -> "ImageSource":
-        """The sub-source at ``positions`` (no pixels are read)."""
-        positions = np.asarray(positions, np.int64)
+        """The sub-source at ``positions`` (indices or a boolean mask; no pixels are read)."""
+        positions = np.asarray(positions)
+        positions = np.flatnonzero(positions) if positions.dtype == bool else positions.astype(np.int64)
         seg = np.searchsorted(self._offsets, positions, side="right") - 1
         out = []
         for s in np.unique(seg):  # keeps order within each segment; callers pass sorted positions
@@ -261,7 +262,8 @@ class Stacked(ImageSource):
         self._offsets = np.cumsum([0] + [len(s) for s in sources])
 
     def take(self, positions) -> "Stacked":
-        positions = np.asarray(positions, np.int64)
+        positions = np.asarray(positions)
+        positions = np.flatnonzero(positions) if positions.dtype == bool else positions.astype(np.int64)
         part = np.searchsorted(self._offsets, positions, side="right") - 1
         return Stacked([self.sources[p].take(positions[part == p] - self._offsets[p]) for p in np.unique(part)])
 
