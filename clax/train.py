@@ -294,6 +294,9 @@ def fit(
             key, k_begin, k_end = jax.random.split(ts.key, 3)
             cl = method.begin_task(ts.cl, TaskData(r, x, y, k_begin, cfg.batch_size))
             ts = TrainState(cl, tx.init(trainable(cl, t)), key, ts.step)
+        if method.train_filter is not None:  # e.g. PAH: drop the images its prototypes came from
+            keep = np.asarray(method.train_filter(TaskData(r, x, y, k_end, cfg.batch_size)))
+            x, y, tid = (x[keep] if isinstance(x, np.ndarray) else x.take(keep)), y[keep], tid[keep]
         per_epoch = max(1, -(-len(y) // cfg.batch_size))
         bar = tqdm(total=cfg.epochs * per_epoch, initial=done, desc=f"{method.name} task {r + 1}/{T}",
                    disable=not progress, leave=False, dynamic_ncols=True)

@@ -11,6 +11,7 @@ from clax.methods.hembed import HEMBED_DEFAULTS, hembed
 from clax.methods.hnet import HNET_DEFAULTS, hnet
 from clax.methods.lwf import LWF_DEFAULTS, lwf
 from clax.methods.packnet import PACKNET_DEFAULTS, packnet
+from clax.methods.pah import PAH_DEFAULTS, pah
 from clax.methods.replay import REPLAY_DEFAULTS, replay
 from clax.methods.wsn import WSN_DEFAULTS, wsn
 
@@ -47,6 +48,8 @@ METHODS: dict[str, MethodSpec] = {
                        train={"epochs": 20}, backbone_settings={"hidden": [100, 100]}),
     "hembed": MethodSpec(hembed, HEMBED_DEFAULTS, "hypernetwork guided by H-score task embeddings (Wu et al. 2025)",
                          scenarios=("til",), train={"epochs": 20}, backbone_settings={"hidden": [100, 100]}),
+    "pah": MethodSpec(pah, PAH_DEFAULTS, "prototype-augmented hypernetwork heads, two-step distillation (De La Fuente et al. 2025)",
+                      scenarios=("til",), train={"epochs": 10, "optimizer": "adamw", "weight_decay": 0.01}),
 }
 
 
@@ -63,4 +66,4 @@ def get_method(name: str, ctx: Context, **settings) -> Method:
 
 
 __all__ = ["METHODS", "Context", "Method", "MethodSpec", "TaskData", "ewc", "finetune", "get_method", "hembed", "hnet",
-           "ibm", "joint", "lwf", "packnet", "replay", "wsn"]
+           "ibm", "joint", "lwf", "packnet", "pah", "replay", "wsn"]
