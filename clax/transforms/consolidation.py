@@ -1,0 +1,144 @@
+"""Parameter isolation: a backbone whose chosen weights are masked per task, and the consolidation of
+the union of task masks (WSN, PackNet, IBM share this piece).
+
+Layout of the :class:`~clax.partition.CLState` that :func:`init` builds:
+
+* ``shared["weights"]``: the masked weights ``W`` (by default every conv/dense ``kernel``), one copy
+  for all tasks. A task's forward uses ``W_eff = W * m_t`` (a pure pytree transform applied before
+  the backbone's ``apply``).
+* ``per_task["rest"]``: every other backbone parameter (biases, BatchNorm scale and offset), one row
+  per task, and ``per_task["head"]``: one linear head per task (TIL).
+* ``state["backbone"]``: BatchNorm statistics with a leading task axis; task ``t`` reads and writes
+  row ``t`` only, so an old task's statistics never move (exact zero forgetting with BatchNorm).
+* ``extra["consolidated"]``: bool tree over ``W``, the union of the masks of finished tasks. Through
+  :func:`update_mask` the trainer zeroes the gradient and the optimizer's update (Adam moments and
+  weight decay included, since the update is zeroed after the optimizer) at those positions.
+
+An old task's prediction reads only its own per-task rows, its own BatchNorm row and ``W`` inside its
+mask, which is consolidated, hence its logits are bit-for-bit unchanged by later tasks.
+"""
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from clax import partition as P
+from clax.partition import CLState
+from clax.transforms import classifier
+
+if TYPE_CHECKING:
+    from clax.methods.base import Context
+
+PyTree = Any
+DEFAULT_LAYERS = r"kernel$"
+
+
+def split_weights(params: PyTree, layers: str) -> tuple[PyTree, PyTree]:
+    """Splits backbone ``params`` into ``(masked, rest)`` by the regex ``layers`` over ``/``-joined paths;
+    only leaves with ``ndim >= 2`` (conv and dense kernels) can be masked.
+
+    Raises:
+      ValueError: ``layers`` is not a valid regex or matches no weight (the message names it).
+    """
+    try:
+        pattern = re.compile(layers)
+    except re.error as e:
+        raise ValueError(f"layers={layers!r} is not a valid regular expression: {e}") from None
+    flat = flatten_dict(params)
+    masked, rest = {}, {}
+    for k, v in flat.items():
+        (masked if pattern.search("/".join(k)) and v.ndim >= 2 else rest)[k] = v
+    if not masked:
+        raise ValueError(f"layers={layers!r} matches no weight of the backbone (ndim >= 2); its parameters "
+                         f"are: {', '.join('/'.join(k) for k in flat)}")
+    return unflatten_dict(masked), (unflatten_dict(rest) if rest else {})
+
+
+def init(key, ctx: Context, layers: str = DEFAULT_LAYERS) -> CLState:
+    """A :class:`CLState` in the layout of the module docstring (empty ``extra`` but the union)."""
+    if ctx.scenario != "til":
+        raise ValueError(f"parameter-isolation methods need the task id: scenario must be 'til', "
+                         f"got {ctx.scenario!r}")
+    cl = classifier.init(key, ctx)
+    weights, rest = split_weights(cl.shared["backbone"], layers)
+    T = ctx.num_tasks
+    return CLState(
+        frozen={},
+        shared={"weights": weights},
+        per_task={"head": cl.per_task["head"], "rest": P.stack_tasks(rest, T)},
+        state={"backbone": P.stack_tasks(cl.state["backbone"], T)},
+        extra={"consolidated": jax.tree.map(lambda w: jnp.zeros(w.shape, bool), weights)},
+    )
+
+
+def apply_masks(weights: PyTree, masks: PyTree) -> PyTree:
+    """``W * m`` leaf by leaf (``masks`` has ``weights``' structure; float or bool)."""
+    return jax.tree.map(lambda w, m: w * m.astype(w.dtype), weights, masks)
+
+
+def forward(cl: CLState, ctx: Context, w_eff: PyTree, x, t, tid, train: bool):
+    """Logits ``[B, C]`` and the new ``cl.state`` of the backbone with masked weights ``w_eff``.
+
+    ``t`` (scalar, may be traced) selects the per-task rest row and BatchNorm row; ``tid [B]`` selects
+    each sample's head. Only BatchNorm row ``t`` of the returned state differs from ``cl.state``.
+    """
+    rest = P.task_row(cl.per_task["rest"], t)
+    params = P.merge(w_eff, rest)
+    stats = P.task_row(cl.state["backbone"], t)
+    f, new_stats = ctx.backbone.apply(params, stats, x, train)
+    out = classifier.head_logits(cl.per_task["head"], f, tid)
+    logits = jnp.where(ctx.output_mask()[tid], out, classifier.NEG)
+    state = {**cl.state, "backbone": P.set_task_row(cl.state["backbone"], t, new_stats)} if train else cl.state
+    return logits, state
+
+
+def batch_task(tid) -> jax.Array:
+    """The task whose sub-network serves a batch: ``tid[0]``. A masked network runs one sub-network per
+    batch, so every sample of a batch must carry the same task id (the trainer evaluates task by task)."""
+    return tid[0]
+
+
+def update_mask(cl: CLState, t) -> dict:
+    """The trainer's update mask: shared weights move only outside the union, per-task rows freely."""
+    row = P.task_row(cl.per_task, t)
+    return {"shared": {"weights": jax.tree.map(jnp.logical_not, cl.extra["consolidated"])},
+            "task": jax.tree.map(lambda a: jnp.ones(a.shape, bool), row)}
+
+
+def consolidate(consolidated: PyTree, mask: PyTree) -> PyTree:
+    """The union ``consolidated | mask`` (bool trees of the weights' structure)."""
+    return jax.tree.map(lambda c, m: jnp.logical_or(c, m.astype(bool)), consolidated, mask)
+
+
+def reinit_free(old: PyTree, fresh: PyTree, consolidated: PyTree) -> PyTree:
+    """``old`` at consolidated positions, ``fresh`` at free ones (re-initialisation of free positions)."""
+    return jax.tree.map(lambda o, f, c: jnp.where(c, o, f), old, fresh, consolidated)
+
+
+def fraction(mask: PyTree) -> float:
+    """Fraction of entries set in a bool/0-1 tree (over all its leaves together)."""
+    leaves = [np.asarray(m) for m in jax.tree.leaves(mask)]
+    return float(sum(int(np.count_nonzero(m)) for m in leaves) / sum(m.size for m in leaves))
+
+
+def capacity_report(masks: Sequence[PyTree]) -> dict:
+    """``{"mask_density": [...], "capacity_used": [...]}`` for the task masks ``masks[t]``: the fraction
+    of the masked weights that task ``t`` uses, and the fraction consolidated after task ``t`` (the
+    union of masks ``0..t``)."""
+    density, used, union = [], [], None
+    for m in masks:
+        m = jax.tree.map(lambda a: np.asarray(a, bool), m)
+        union = m if union is None else jax.tree.map(np.logical_or, union, m)
+        density.append(fraction(m))
+        used.append(fraction(union))
+    return {"mask_density": density, "capacity_used": used}
+
+
+def count_weights(cl: CLState) -> int:
+    """Number of masked weights (the denominator of densities)."""
+    return P.count(cl.shared["weights"])

@@ -1,0 +1,91 @@
+"""IBM: variational masks, consolidation of the union, re-initialisation of free positions only,
+test-time weights W * zscale_t * mask_t, zero forgetting."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from isolation import SMALL, assert_capacity, assert_isolation, isolation_run
+from clax.methods import TaskData, get_method
+from clax.partition import task_row
+from clax.transforms import consolidation
+from clax.transforms import variational_mask as vm
+
+
+@pytest.fixture(scope="module", params=["split-digits", "permuted-digits"])
+def out(request):
+    return isolation_run("ibm", request.param, epochs=3, sets=SMALL)
+
+
+def test_zero_forgetting_and_frozen_union(out):
+    assert_isolation(out)
+
+
+def test_learns_prunes_and_reports_capacity(out):
+    assert np.all(np.diag(out["accuracy_matrix"]) > 0.65), np.diag(out["accuracy_matrix"])
+    assert_capacity(out)
+    # the bottleneck prunes: every task's sub-network leaves weights out
+    assert max(out["report"]["mask_density"]) < 0.95, out["report"]
+
+
+def test_prediction_uses_w_times_zscale_times_mask(out):
+    cl, ctx, meth, s = out["state"].cl, out["ctx"], out["method"], out["cfg"]["ibm"]
+    t = 1
+    mu = jax.tree.map(lambda a: a * s["vb_lr_mult"], task_row(cl.per_task["mu"], t))
+    log_d = jax.tree.map(lambda a: a * s["vb_lr_mult"], task_row(cl.per_task["logD"], t))
+    w = jax.tree.map(lambda a, z, m: a * z * m, cl.shared["weights"], vm.zscale(mu, log_d), vm.mask(mu, log_d))
+    x = jnp.asarray(out["bench"].tasks[t].x_test)
+    tid = jnp.full((x.shape[0],), t, jnp.int32)
+    want = consolidation.forward(cl, ctx, w, x, t, tid, train=False)[0]
+    np.testing.assert_allclose(np.asarray(meth.predict(cl, x, tid)), np.asarray(want), rtol=1e-6, atol=1e-6)
+    # and the consolidated union contains that mask
+    for m, c in zip(jax.tree.leaves(vm.mask(mu, log_d)), jax.tree.leaves(cl.extra["consolidated"])):
+        assert not np.any(np.asarray(m) & ~np.asarray(c))
+
+
+def test_svd_ratio_is_set_per_layer(out):
+    ratios = jax.tree.leaves(out["state"].cl.extra["ratio"])
+    assert len(ratios) == 2 and all(0 < float(r) <= 1 for r in ratios)
+    assert any(float(r) < 1 for r in ratios)  # recomputed from the features, not the initial 1
+
+
+def test_begin_task_reinitialises_only_free_positions(out):
+    meth = get_method("ibm", out["ctx"], vb_lr_mult=1.0)
+    cl = meth.init(jax.random.PRNGKey(0))
+    w = cl.shared["weights"]
+    cons = jax.tree.map(lambda a: jnp.arange(a.size).reshape(a.shape) % 3 == 0, w)
+    trained = jax.tree.map(lambda a: jnp.full(a.shape, 7.0), w)
+    per_task = dict(cl.per_task)
+    per_task["mu"] = jax.tree.map(lambda a, v: a.at[0].set(v), cl.per_task["mu"], trained)
+    cl = cl.replace(per_task=per_task, extra={**cl.extra, "consolidated": cons})
+    fresh = task_row(cl.per_task["mu"], 1)
+    data = TaskData(1, np.zeros((1, 64), np.float32), np.zeros(1, np.int32), jax.random.PRNGKey(0), 32)
+    new = task_row(meth.begin_task(cl, data).per_task["mu"], 1)
+    for n, f, c in zip(jax.tree.leaves(new), jax.tree.leaves(fresh), jax.tree.leaves(cons)):
+        n, f, c = map(np.asarray, (n, f, c))
+        assert np.all(n[c] == 7.0) and np.array_equal(n[~c], f[~c])
+        assert abs(f.mean() - 1.0) < 1e-2  # the fresh draw is N(1, 0.01)
+
+
+def test_kl_enters_the_loss_with_its_factor(out):
+    cl, meth = out["state"].cl, out["method"]
+    x = jnp.asarray(out["bench"].tasks[0].x_train[:8])
+    batch = {"x": x, "y": jnp.zeros(8, jnp.int32), "tid": jnp.zeros(8, jnp.int32)}
+    total, (_, m) = meth.loss(cl, batch, jax.random.PRNGKey(0), 0)
+    s = out["cfg"]["ibm"]
+    mu = jax.tree.map(lambda a: a * s["vb_lr_mult"], task_row(cl.per_task["mu"], 0))
+    log_d = jax.tree.map(lambda a: a * s["vb_lr_mult"], task_row(cl.per_task["logD"], 0))
+    want_kl = float(vm.total_kl(mu, log_d, cl.extra["ratio"])) / 8
+    np.testing.assert_allclose(float(m["kl"]), want_kl, rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(m["ce"]) + s["kl_fac"] * want_kl, rtol=1e-5)
+
+
+def test_layer_filter_matching_nothing_is_refused_with_its_name(out):
+    with pytest.raises(ValueError, match="nowhere"):
+        get_method("ibm", out["ctx"], layers="nowhere").init(jax.random.PRNGKey(0))
+
+
+def test_cil_is_refused(out):
+    ctx = out["ctx"]._replace(scenario="cil")
+    with pytest.raises(ValueError, match="til"):
+        get_method("ibm", ctx).init(jax.random.PRNGKey(0))
