@@ -7,15 +7,12 @@ from clax.methods.base import Context, Method, TaskData
 from clax.methods.ewc import EWC_DEFAULTS, ewc
 from clax.methods.finetune import FINETUNE_DEFAULTS, JOINT_DEFAULTS, finetune, joint
 from clax.methods.ibm import IBM_DEFAULTS, ibm
-from clax.methods.ibm import IBM_DEFAULTS, ibm
 from clax.methods.hembed import HEMBED_DEFAULTS, hembed
 from clax.methods.hnet import HNET_DEFAULTS, hnet
 from clax.methods.lwf import LWF_DEFAULTS, lwf
 from clax.methods.packnet import PACKNET_DEFAULTS, packnet
-from clax.methods.packnet import PACKNET_DEFAULTS, packnet
 from clax.methods.pah import PAH_DEFAULTS, pah
 from clax.methods.replay import REPLAY_DEFAULTS, replay
-from clax.methods.wsn import WSN_DEFAULTS, wsn
 from clax.methods.wsn import WSN_DEFAULTS, wsn
 
 
@@ -37,15 +34,6 @@ METHODS: dict[str, MethodSpec] = {
     "ewc": MethodSpec(ewc, EWC_DEFAULTS, "elastic weight consolidation (Kirkpatrick et al. 2017)"),
     "lwf": MethodSpec(lwf, LWF_DEFAULTS, "learning without forgetting (Li & Hoiem 2017)"),
     "replay": MethodSpec(replay, REPLAY_DEFAULTS, "experience replay, reservoir buffer"),
-    # parameter isolation (issue 4); the same 10-epoch budget on the offline digits for all three
-    "wsn": MethodSpec(wsn, WSN_DEFAULTS, "winning subnetworks: top-c% binary masks, union frozen (Kang et al. 2022)",
-                      scenarios=("til",), train={"epochs": 10}),
-    "packnet": MethodSpec(packnet, PACKNET_DEFAULTS,
-                          "prune by magnitude, retrain, freeze (Mallya & Lazebnik 2018)",
-                          scenarios=("til",), train={"epochs": 10}),
-    "ibm": MethodSpec(ibm, IBM_DEFAULTS,
-                      "information-bottleneck masked sub-networks (Chen et al. 2023)",
-                      scenarios=("til",), train={"epochs": 10}),
     # parameter isolation (issue 4); the same 10-epoch budget on the offline digits for all three
     "wsn": MethodSpec(wsn, WSN_DEFAULTS, "winning subnetworks: top-c% binary masks, union frozen (Kang et al. 2022)",
                       scenarios=("til",), train={"epochs": 10}),
@@ -77,5 +65,5 @@ def get_method(name: str, ctx: Context, **settings) -> Method:
     return spec.factory(ctx, **settings)
 
 
-__all__ = ["METHODS", "Context", "Method", "MethodSpec", "TaskData", "ewc", "finetune", "get_method", "ibm", "packnet", "wsn", "hembed", "hnet",
+__all__ = ["METHODS", "Context", "Method", "MethodSpec", "TaskData", "ewc", "finetune", "get_method", "hembed", "hnet",
            "ibm", "joint", "lwf", "packnet", "pah", "replay", "wsn"]
