@@ -87,7 +87,9 @@ def save_progress(mngr: ocp.CheckpointManager, train_state: Any, progress: Any, 
     item = jax.device_get({
         "train_state": serialization.to_state_dict(train_state),
         "accuracy_matrix": np.asarray(progress.accuracy_matrix, np.float64),
-        "init_accuracy": np.zeros(0) if b is None else np.asarray(b, np.float64),
+        # Orbax refuses zero-size arrays: a method without initial accuracies stores NaNs (see meta)
+        "init_accuracy": np.full(np.shape(progress.accuracy_matrix)[:1], np.nan) if b is None
+        else np.asarray(b, np.float64),
         "task": np.asarray(progress.tasks_done - 1, np.int32),
         "task_key": np.zeros_like(key) if progress.task_key is None else np.asarray(progress.task_key),
     })
@@ -97,6 +99,7 @@ def save_progress(mngr: ocp.CheckpointManager, train_state: Any, progress: Any, 
         "tasks_done": int(progress.tasks_done),
         "task_step": int(progress.task_step),
         "num_tasks": int(np.shape(progress.accuracy_matrix)[0]),
+        "has_init_accuracy": b is not None,
         "train_s": float(progress.train_s),
         "steps": int(progress.steps),
         "compiles_after_task": [int(c) for c in progress.compiles_after_task],
@@ -275,7 +278,7 @@ def progress_from(state: dict, meta: dict) -> Any:
     return Progress(
         tasks_done=int(meta["tasks_done"]), task_step=int(meta["task_step"]),
         accuracy_matrix=np.asarray(state["accuracy_matrix"], np.float64),
-        init_accuracy=b if b.size else None, train_s=float(meta["train_s"]), steps=int(meta["steps"]),
+        init_accuracy=b if meta.get("has_init_accuracy", True) else None, train_s=float(meta["train_s"]), steps=int(meta["steps"]),
         compiles_after_task=list(meta.get("compiles_after_task", [])),
         task_key=jnp.asarray(state["task_key"]) if int(meta["task_step"]) else None,
         epoch_losses=[float(v) for v in meta.get("epoch_losses", [])])

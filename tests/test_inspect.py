@@ -1,0 +1,100 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clax import checkpoint as ckpt
+from clax.cli import main
+from clax.inspect import describe, distance_matrix
+from clax.partition import CLState
+from clax.train import Progress, TrainState
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    w = tmp_path_factory.mktemp("inspect") / "w"
+    assert main(["run", "--method", "replay", "--scenario", "til", "--epochs", "1", "--quiet",
+                 "--workdir", str(w)]) == 0
+    return w
+
+
+def test_inspect_json_lists_every_partition_and_its_counts_add_up_to_results_json(finished, capsys):
+    capsys.readouterr()
+    assert main(["inspect", str(finished), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    res = json.loads((finished / "results.json").read_text())
+    assert d["tasks_done"] == 5 and d["num_tasks"] == 5 and d["task_step"] == 0
+    assert set(d["partitions"]) == set(res["params"]["partitions"])
+    for name, p in d["partitions"].items():
+        assert p["count"] == res["params"]["partitions"][name], name
+        assert p["count"] == sum(int(np.prod(e["shape"])) for e in p["leaves"])
+        assert p["bytes"] == sum(e["bytes"] for e in p["leaves"])
+    assert sum(p["count"] for p in d["partitions"].values()) == sum(res["params"]["partitions"].values())
+    assert d["bytes_per_task"] == res["params"]["bytes_per_task"]
+    leaves = {e["path"]: e for e in d["partitions"]["per_task"]["leaves"]}
+    assert leaves["head/kernel"]["shape"][0] == 5 and leaves["head/kernel"]["dtype"] == "float32"
+    assert d["accuracy_matrix"] == res["accuracy_matrix"]
+
+
+def test_inspect_task_restricts_to_one_row_and_text_output_names_each_leaf(finished, capsys):
+    capsys.readouterr()
+    assert main(["inspect", str(finished), "--task", "2", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    row = {e["path"]: e["task_row"] for e in d["partitions"]["per_task"]["leaves"]}
+    assert row["head/kernel"]["shape"] == d["partitions"]["per_task"]["leaves"][1]["shape"][1:]
+    assert d["task_bytes"] == sum(r["bytes"] for r in row.values())
+    assert main(["inspect", str(finished)]) == 0
+    out = capsys.readouterr().out
+    assert "5 of 5 tasks done" in out and "head/kernel" in out and "bytes per task" in out
+    assert main(["inspect", str(finished), "--task", "9"]) == 2
+    assert "--task must be in 0..4" in capsys.readouterr().err
+
+
+def test_eval_re_evaluates_a_saved_run_and_matches_its_accuracy_matrix(finished, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(finished), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    res = json.loads((finished / "results.json").read_text())
+    assert r["matches"] and r["accuracy"] == res["accuracy_matrix"][-1]
+
+
+def test_eval_and_inspect_of_an_empty_workdir_say_so(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "no readable checkpoint in" in capsys.readouterr().err
+
+
+def test_masks_task_embeddings_and_prototypes_are_found_by_name(tmp_path):
+    """A synthetic state with the leaf names of the mask and hypernetwork methods."""
+    T = 3
+    rng = np.random.default_rng(0)
+    mask = np.zeros((T, 4, 5), bool)
+    for t in range(T):
+        mask[t].flat[: 5 * (t + 1)] = True                     # densities 0.25, 0.5, 0.75
+    packed = np.packbits(np.ones(16, bool))[None].repeat(T, 0)  # bit-packed, all set
+    emb = rng.normal(size=(T, 6)).astype(np.float32)
+    protos = rng.uniform(size=(T, 2, 10, 10)).astype(np.float32)
+    cl = CLState(frozen={}, shared={"w": jnp.ones((3,))},
+                 per_task={"mask": jnp.asarray(mask), "task_emb": jnp.asarray(emb)},
+                 state={}, extra={"prototypes": jnp.asarray(protos), "packed_mask": jnp.asarray(packed)})
+    ts = TrainState(cl, {}, jax.random.PRNGKey(0), jnp.asarray(7, jnp.int32))
+    from clax.config import default_config
+    cfg = default_config("finetune")
+    mngr = ckpt.manager(str(tmp_path))
+    ckpt.save_progress(mngr, ts, Progress(T, 0, np.full((T, T), 0.5), None), cfg)
+    mngr.wait_until_finished()
+    d = describe(str(tmp_path))
+    masks = {m["path"]: m for m in d["masks"]}
+    assert masks["per_task/mask"]["per_task"] == {"0": 0.25, "1": 0.5, "2": 0.75}
+    assert masks["extra/packed_mask"]["packed"] and masks["extra/packed_mask"]["per_task"]["1"] == 1.0
+    dist = {t["path"]: np.asarray(t["distance"]) for t in d["task_distances"]}
+    want = np.linalg.norm(emb[:, None].astype(np.float64) - emb[None], axis=-1)
+    np.testing.assert_allclose(dist["per_task/task_emb"], want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dist["extra/prototypes"], distance_matrix(protos))
+    (png,) = d["prototypes"]
+    with open(png["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    one = describe(str(tmp_path), task=1)
+    assert one["masks"][0]["per_task"] == {"1": 0.5}
+    np.testing.assert_allclose(one["task_distances"][0]["from_task"], want[1], rtol=1e-12, atol=1e-12)
