@@ -109,3 +109,32 @@ def test_bad_settings_name_the_setting(method, key, value, capsys):
         build({**quick_config(method), method: {**quick_config(method)[method], key: value}})
     assert main(["run", "--method", method, "--set", f"{method}.{key}={value}", "--quiet"]) == 2
     assert f"{method}.{key}" in capsys.readouterr().err
+
+
+def _tiny(cfg, num_tasks, sets=()):
+    """An experiment config shrunk to the offline digits: 1 epoch, the first ``num_tasks`` tasks and a
+    one-layer MLP in place of the ResNet (whose compilation alone would take a minute on CI's 2 cores;
+    benchmarks/hypernet_step.py runs the ResNet targets)."""
+    from clax.config import apply_overrides
+    cfg = apply_overrides({**cfg, "benchmark": "split-digits"},
+                          ["train.epochs=1", "backbone.name=mlp", "backbone.hidden=[32]", "train.batch_size=32",
+                           *sets])
+    bench, ctx, meth = build(cfg)
+    bench = type(bench)(bench.name, bench.tasks[:num_tasks], bench.num_classes, bench.input_shape)
+    ctx = make_context(ctx.backbone, bench, ctx.scenario)
+    meth = get_method(cfg["method"], ctx, **cfg[cfg["method"]])
+    return fit(meth, ctx, bench, train_config(cfg), progress=False)
+
+
+def test_hembed_cifar_experiment_runs_tiny_on_digits():
+    import sys
+    sys.path.insert(0, "experiments")
+    import hembed_cifar
+
+    cfg = hembed_cifar.get_config()
+    assert cfg["backbone"]["name"] == "resnet32" and cfg["hembed"]["chunk_size"] == 7000
+    out = _tiny(cfg, 3, ["hembed.hscore_samples=64", "hembed.solve_steps=50", "hembed.chunk_size=2000",
+                         "hembed.decoder_hidden=32"])
+    assert np.isfinite(out["acc"]) and out["accuracy_matrix"].shape == (3, 3)
+    assert np.linalg.norm(np.asarray(out["state"].cl.extra["h_emb"][2])) > 0  # the H-embedding was solved
+    assert_no_recompile_after_first_task(out)

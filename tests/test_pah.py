@@ -92,3 +92,18 @@ def test_prototype_step_moves_only_old_prototypes(built):
 def test_bad_settings(sets, needle):
     with pytest.raises(ValueError, match=needle):
         build(quick_config("pah", sets=sets))
+
+
+@pytest.mark.parametrize("name", ["pah_cifar100", "pah_tinyimagenet"])
+def test_pah_experiments_run_tiny_on_digits(name):
+    import importlib
+    import sys
+    sys.path.insert(0, "experiments")
+    from test_hnet import _tiny
+
+    cfg = importlib.import_module(name).get_config()
+    assert cfg["backbone"] == {"name": "resnet18", "nf": 20, "stem": "cifar"} and cfg["pah"]["alpha"] == 0.5
+    out = _tiny(cfg, 2)
+    assert np.isfinite(out["acc"]) and out["accuracy_matrix"].shape == (2, 2)
+    assert out["state"].cl.shared["protos"].shape == (2, 2, 10, 10, 1)
+    assert_no_recompile_after_first_task(out)
