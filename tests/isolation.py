@@ -15,10 +15,12 @@ SMALL = ("backbone.hidden=[64,64]", "train.lr=3e-3")
 
 
 def isolation_run(method: str, benchmark: str = "split-digits", epochs: int = 2, sets=SMALL,
-                  num_tasks: int = 3) -> dict:
+                  num_tasks: int = 3, cfg: dict | None = None) -> dict:
     """Runs ``method`` (TIL) on the first ``num_tasks`` tasks; ``out["snapshots"][t]`` holds numpy
-    copies of ``weights`` and ``consolidated`` after task ``t``, ``out["logits"][t]`` task 0's logits."""
-    cfg = quick_config(method, benchmark, "til", epochs, sets)
+    copies of ``weights`` and ``consolidated`` after task ``t``, ``out["logits"][t]`` task 0's logits.
+    A full config ``cfg`` (e.g. an experiment's ``get_config()``) replaces the other arguments."""
+    cfg = cfg or quick_config(method, benchmark, "til", epochs, sets)
+    method = cfg["method"]
     bench, ctx, meth = build(cfg)
     bench = type(bench)(bench.name, bench.tasks[:num_tasks], bench.num_classes, bench.input_shape)
     ctx = make_context(ctx.backbone, bench, "til")

@@ -89,3 +89,49 @@ def test_cil_is_refused(out):
     ctx = out["ctx"]._replace(scenario="cil")
     with pytest.raises(ValueError, match="til"):
         get_method("ibm", ctx).init(jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    """experiments/ibm_cifar100.py at tiny scale on the offline digits: 2 tasks, 1 epoch, the MLP in
+    place of ResNet-18 (whose compilation alone costs minutes on 2 loaded cores; the ResNet-18 path,
+    per-task BatchNorm included, is checked by ``python tests/test_ibm.py``)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import ibm_cifar100
+    import ibm_tinyimagenet
+
+    from clax.config import apply_overrides
+
+    tiny = ["backbone.name=mlp", "backbone.hidden=[32,32]", "train.epochs=1", "ibm.svd_samples=16"]
+
+    def digits(cfg):  # the real loaders need data on disk: same protocol, offline digits
+        return apply_overrides({**cfg, "benchmark": "split-digits"}, tiny)
+
+    other = digits(ibm_tinyimagenet.get_config())
+    assert ibm_tinyimagenet.get_config()["backbone"]["name"] == "resnet18"
+    assert other["train"]["lr"] == 1e-3 and other["train"]["epochs"] == 1
+    return isolation_run("ibm", cfg=digits(ibm_cifar100.get_config()), num_tasks=2)
+
+
+def test_experiment_config_runs_at_tiny_scale_with_zero_forgetting(experiment):
+    assert experiment["cfg"]["ibm"]["kl_fac"] == 1e-3 and experiment["cfg"]["train"]["batch_size"] == 256
+    assert_isolation(experiment)
+    assert np.isfinite(experiment["acc"])
+
+
+if __name__ == "__main__":  # the ResNet-18 path (per-task BatchNorm), too slow for the suite on CPU
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import ibm_cifar100
+
+    from clax.config import apply_overrides
+
+    cfg = apply_overrides({**ibm_cifar100.get_config(), "benchmark": "split-digits"},
+                          ["backbone.nf=2", "train.epochs=1", "train.batch_size=32", "ibm.svd_samples=16"])
+    assert_isolation(isolation_run("ibm", cfg=cfg, num_tasks=2))
+    print("ResNet-18 with per-task BatchNorm: zero forgetting bit-for-bit")

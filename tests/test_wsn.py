@@ -63,3 +63,22 @@ def test_sparsity_outside_0_1_is_refused_with_its_name(out, bad):
 def test_layer_filter_matching_nothing_is_refused_with_its_name(out):
     with pytest.raises(ValueError, match="no_such_layer"):
         get_method("wsn", out["ctx"], layers="no_such_layer").init(jax.random.PRNGKey(0))
+
+
+def test_experiment_config_runs_at_tiny_scale_with_zero_forgetting():
+    """experiments/wsn_cifar100.py on the offline digits: 2 tasks, 1 epoch, the MLP for ResNet-18."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import wsn_cifar100
+
+    from clax.config import apply_overrides
+
+    cfg = wsn_cifar100.get_config()
+    assert cfg["backbone"] == {"name": "resnet18", "nf": 64, "stem": "cifar"} and cfg["wsn"]["sparsity"] == 0.5
+    cfg = apply_overrides({**cfg, "benchmark": "split-digits"},
+                          ["backbone.name=mlp", "backbone.hidden=[32,32]", "train.epochs=1"])
+    out = isolation_run("wsn", cfg=cfg, num_tasks=2)
+    assert out["cfg"]["train"]["batch_size"] == 64
+    assert_isolation(out)
