@@ -4,14 +4,15 @@
 done, every leaf of every partition (shape, dtype, parameter count, bytes), the bytes each task adds,
 and, found by the leaf's name so that any method gets them by naming its leaves accordingly:
 
-* mask densities for every leaf whose path contains ``mask`` (fraction of nonzero entries; a ``uint8``
-  mask counts set bits, as bit-packed masks are; leaves with a leading task axis get one density per
-  task);
-* a task-distance matrix (Euclidean, between flattened rows) for every leaf whose name contains
-  ``task_emb`` and has a leading task axis (hypernetwork task embeddings), and for ``prototypes``
-  leaves with a leading task axis (PAH's task embedding is the flatten of its prototypes);
-* a PNG grid of every leaf whose name contains ``prototype`` (one small image per class), written to
-  ``WORKDIR/inspect/`` (or ``--png-dir``).
+* mask densities (:func:`is_mask`: a path containing ``mask``, a ``uint8`` leaf named ``packed`` or
+  a boolean array of rank >= 2) as the fraction of nonzero entries, of set bits for ``uint8``
+  (bit-packed) masks; leaves with a leading task axis get one density per task;
+* a task-distance matrix (Euclidean, between flattened rows) for every task embedding
+  (:func:`is_task_embedding`: leaf named ``emb``, ``*_emb`` or ``task_emb*``) and every prototype leaf
+  (:func:`is_prototypes`: named ``proto*``; PAH's task embedding is the flatten of its prototypes)
+  that has a leading task axis, over the tasks done;
+* a PNG grid of every prototype leaf of rank >= 3 (one small image per class, a row per task),
+  written to ``WORKDIR/inspect/`` (or ``--png-dir``).
 
 ``eval`` rebuilds the method from the saved config, restores its state and re-evaluates every finished
 task on the benchmark's test sets, comparing with the saved accuracy matrix.
@@ -32,6 +33,27 @@ def _leaves(tree) -> list[tuple[str, np.ndarray]]:
     from flax.traverse_util import flatten_dict
 
     return [(p, np.asarray(v)) for p, v in sorted(flatten_dict(tree, sep="/").items())] if tree else []
+
+
+def is_mask(path: str, a: np.ndarray) -> bool:
+    """A mask by name: a path containing ``mask``, a ``uint8`` leaf named ``packed`` (bit-packed masks,
+    as WSN stores them), or a boolean array of rank >= 2 (e.g. ``consolidated`` weights)."""
+    leaf = path.rsplit("/", 1)[-1].lower()
+    return "mask" in path.lower() or (leaf == "packed" and a.dtype == np.uint8) or (
+        a.dtype == bool and a.ndim >= 2)
+
+
+def is_task_embedding(leaf: str) -> bool:
+    """A task embedding by its leaf name: ``emb``, ``*_emb``, ``*_embs`` or containing ``task_emb``
+    (``hnet``/``hembed``: ``per_task/emb``, ``extra/h_emb``); chunk embeddings are not."""
+    leaf = leaf.lower()
+    return "chunk" not in leaf and (leaf in ("emb", "embs") or leaf.endswith(("_emb", "_embs"))
+                                    or "task_emb" in leaf)
+
+
+def is_prototypes(leaf: str) -> bool:
+    """Prototypes by their leaf name: starting with ``proto`` (PAH: ``shared/protos``)."""
+    return leaf.lower().startswith("proto")
 
 
 def mask_density(a: np.ndarray) -> float:
@@ -148,21 +170,21 @@ def describe(workdir: str, task: Optional[int] = None, png_dir: Optional[str] = 
         for path, a in _leaves(cl.get(name, {})):
             full, leaf = f"{name}/{path}", path.rsplit("/", 1)[-1].lower()
             per_task = a.ndim >= 2 and a.shape[0] == T
-            if "mask" in full.lower():
+            if is_mask(full, a):
                 m = {"path": full, "shape": list(a.shape), "packed": a.dtype == np.uint8}
                 if per_task:
                     m["per_task"] = {str(t): mask_density(a[t]) for t in tasks}
                 else:
                     m["density"] = mask_density(a)
                 out["masks"].append(m)
-            if ("task_emb" in leaf or "prototype" in leaf) and per_task:
+            if (is_task_embedding(leaf) or is_prototypes(leaf)) and per_task:
                 D = distance_matrix(a[:seen])
                 d = {"path": full, "tasks": list(range(seen)),
                      "distance": [[float(v) for v in row] for row in D]}
                 if task is not None and task < seen:
                     d["from_task"] = d["distance"][task]
                 out["task_distances"].append(d)
-            if "prototype" in leaf and a.ndim >= 3:
+            if is_prototypes(leaf) and a.ndim >= 3:
                 folder = png_dir or os.path.join(workdir, "inspect")
                 os.makedirs(folder, exist_ok=True)
                 png = os.path.join(folder, full.replace("/", "_") + ".png")

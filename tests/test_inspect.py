@@ -66,7 +66,8 @@ def test_eval_and_inspect_of_an_empty_workdir_say_so(tmp_path, capsys):
 
 
 def test_masks_task_embeddings_and_prototypes_are_found_by_name(tmp_path):
-    """A synthetic state with the leaf names of the mask and hypernetwork methods."""
+    """A synthetic state with the leaf names that WSN (``extra/packed``), HNET (``per_task/emb``) and PAH
+    (``shared/protos``) use, beside the generic ``mask``/``task_emb`` names."""
     T = 3
     rng = np.random.default_rng(0)
     mask = np.zeros((T, 4, 5), bool)
@@ -74,10 +75,11 @@ def test_masks_task_embeddings_and_prototypes_are_found_by_name(tmp_path):
         mask[t].flat[: 5 * (t + 1)] = True                     # densities 0.25, 0.5, 0.75
     packed = np.packbits(np.ones(16, bool))[None].repeat(T, 0)  # bit-packed, all set
     emb = rng.normal(size=(T, 6)).astype(np.float32)
-    protos = rng.uniform(size=(T, 2, 10, 10)).astype(np.float32)
-    cl = CLState(frozen={}, shared={"w": jnp.ones((3,))},
-                 per_task={"mask": jnp.asarray(mask), "task_emb": jnp.asarray(emb)},
-                 state={}, extra={"prototypes": jnp.asarray(protos), "packed_mask": jnp.asarray(packed)})
+    protos = rng.uniform(size=(T, 2, 10, 10, 1)).astype(np.float32)
+    cl = CLState(frozen={}, shared={"w": jnp.ones((3,)), "protos": jnp.asarray(protos),
+                                    "hnet": {"chunk_emb": jnp.ones((T, 4))}},
+                 per_task={"mask": jnp.asarray(mask), "emb": jnp.asarray(emb), "task_emb": jnp.asarray(emb)},
+                 state={}, extra={"packed": jnp.asarray(packed), "seen": jnp.ones((T,), bool)})
     ts = TrainState(cl, {}, jax.random.PRNGKey(0), jnp.asarray(7, jnp.int32))
     from clax.config import default_config
     cfg = default_config("finetune")
@@ -87,14 +89,17 @@ def test_masks_task_embeddings_and_prototypes_are_found_by_name(tmp_path):
     d = describe(str(tmp_path))
     masks = {m["path"]: m for m in d["masks"]}
     assert masks["per_task/mask"]["per_task"] == {"0": 0.25, "1": 0.5, "2": 0.75}
-    assert masks["extra/packed_mask"]["packed"] and masks["extra/packed_mask"]["per_task"]["1"] == 1.0
+    assert masks["extra/packed"]["packed"] and masks["extra/packed"]["per_task"]["1"] == 1.0
+    assert set(masks) == {"per_task/mask", "extra/packed"}  # flags like `seen` are not masks
     dist = {t["path"]: np.asarray(t["distance"]) for t in d["task_distances"]}
+    assert set(dist) == {"per_task/emb", "per_task/task_emb", "shared/protos"}  # not the chunk embeddings
     want = np.linalg.norm(emb[:, None].astype(np.float64) - emb[None], axis=-1)
-    np.testing.assert_allclose(dist["per_task/task_emb"], want, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(dist["extra/prototypes"], distance_matrix(protos))
+    np.testing.assert_allclose(dist["per_task/emb"], want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dist["shared/protos"], distance_matrix(protos))
     (png,) = d["prototypes"]
     with open(png["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     one = describe(str(tmp_path), task=1)
     assert one["masks"][0]["per_task"] == {"1": 0.5}
-    np.testing.assert_allclose(one["task_distances"][0]["from_task"], want[1], rtol=1e-12, atol=1e-12)
+    by_path = {t["path"]: t for t in one["task_distances"]}
+    np.testing.assert_allclose(by_path["per_task/emb"]["from_task"], want[1], rtol=1e-12, atol=1e-12)
