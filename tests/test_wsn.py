@@ -82,3 +82,11 @@ def test_experiment_config_runs_at_tiny_scale_with_zero_forgetting():
     out = isolation_run("wsn", cfg=cfg, num_tasks=2)
     assert out["cfg"]["train"]["batch_size"] == 64
     assert_isolation(out)
+
+
+def test_capacity_plot_writes_a_png(out, tmp_path):
+    from clax.plot import capacity_plot
+
+    path = tmp_path / "capacity.png"
+    capacity_plot({"wsn": out["report"], "other": {"capacity_used": [0.2, 0.4, 0.5]}}, str(path), "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,87 @@
+"""Step time of ibm and wsn beside a plain step of the same network, and total training time.
+
+For each of finetune (the plain step: same backbone, per-task heads, no masks), wsn and ibm, builds
+the trainer's own compiled train step (:class:`clax.train.Steps`) on split-digits (TIL) and reports the
+median time of a step after warm-up, and its ratio to the plain step. Then trains wsn and ibm through
+the same run (the registry's defaults: same epochs, batch, lr) and reports ``timing.train_s``.
+
+    python benchmarks/isolation_step.py                              # MLP [256, 256], batch 32
+    python benchmarks/isolation_step.py --backbone resnet18 --nf 8   # reduced ResNet-18, batch 32
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def step_time(method: str, backbone: str, nf: int, iters: int) -> float:
+    """Median seconds of one compiled train step of ``method`` (task 1, so masks are consolidated)."""
+    from clax.config import apply_overrides, default_config, train_config
+    from clax.data import train_batches
+    from clax.runner import build
+    from clax.train import Steps, TrainState, make_optimizer, trainable
+
+    cfg = default_config(method)
+    cfg["scenario"] = "til"
+    if backbone != "mlp":
+        cfg = apply_overrides(cfg, [f"backbone.name={backbone}", f"backbone.nf={nf}"])
+    bench, ctx, meth = build(cfg)
+    tc = train_config(cfg)
+    tx = make_optimizer(tc)
+    steps = Steps(meth, tx, "til")
+    cl = meth.init(jax.random.PRNGKey(0))
+    t = jnp.int32(1)
+    ts = TrainState(cl, tx.init(trainable(cl, t)), jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
+    task = bench.tasks[1]
+    batch = next(iter(train_batches(task.x_train, task.targets(task.y_train, "til"), tc.batch_size,
+                                    np.random.default_rng(0), np.full(len(task.y_train), 1, np.int32))))
+    for _ in range(5):
+        ts, _ = steps.train_step(ts, batch, t)
+    jax.block_until_ready(ts)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        ts, m = steps.train_step(ts, batch, t)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def total_time(method: str, seed: int) -> dict:
+    from clax.config import default_config
+    from clax.runner import run
+
+    cfg = {**default_config(method), "seed": seed}
+    r = run(cfg, None, progress=False)
+    return {"train_s": r["timing"]["train_s"], "steps": r["timing"]["steps"], "acc": r["acc"],
+            "epochs": cfg["train"]["epochs"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="ibm and wsn step time vs a plain step; total training time")
+    p.add_argument("--backbone", default="mlp", choices=["mlp", "resnet18"])
+    p.add_argument("--nf", type=int, default=8)
+    p.add_argument("--iters", type=int, default=50)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    a = p.parse_args(argv)
+    base = step_time("finetune", a.backbone, a.nf, a.iters)
+    print(f"backbone {a.backbone}{'' if a.backbone == 'mlp' else f' nf={a.nf}'}, batch 32, median of {a.iters} steps")
+    print(f"{'step':>10} {'ms':>8} {'x plain':>8}")
+    print(f"{'plain':>10} {base * 1e3:8.2f} {1.0:8.2f}")
+    for m in ("wsn", "ibm"):
+        s = step_time(m, a.backbone, a.nf, a.iters)
+        print(f"{m:>10} {s * 1e3:8.2f} {s / base:8.2f}")
+    if a.backbone == "mlp":
+        tot = {m: [total_time(m, s) for s in a.seeds] for m in ("wsn", "ibm")}
+        mean = {m: float(np.mean([r["train_s"] for r in v])) for m, v in tot.items()}
+        print(f"total training, split-digits, registry defaults ({tot['ibm'][0]['epochs']} epochs/task), "
+              f"seeds {a.seeds}: wsn {mean['wsn']:.1f} s, ibm {mean['ibm']:.1f} s, ibm/wsn {mean['ibm'] / mean['wsn']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
