@@ -348,6 +348,7 @@ def fit(
         timing={"train_s": train_s, "steps": n_steps, "compiles": steps.compiles, "traces": dict(steps.traces),
                 "compiles_after_task": compiles_after_task},
         state=ts,
-        report=method.report(ts.cl) if method.report else {},
+        report={**(method.report(ts.cl) if method.report else {}),
+                **(method.test_report(ts.cl, bench) if method.test_report else {})},
     )
     return out

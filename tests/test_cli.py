@@ -27,7 +27,7 @@ def test_run_writes_results_json_metrics_csv_and_heatmap(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["run", "--method", "nope"], "unknown method 'nope'; valid: ewc, finetune"),
+    (["run", "--method", "nope"], "unknown method 'nope'; valid: "),
     (["run", "--benchmark", "nope"], "unknown benchmark 'nope'; valid: "),
     (["run", "--method", "ewc", "--set", "ewc.lamda=3"], "unknown --set key 'ewc.lamda'"),
     (["run", "--method", "ewc", "--set", "train.lr=fast"], "bad value for train.lr: 'fast'"),
@@ -44,7 +44,8 @@ def test_the_installed_command_exits_2_without_a_traceback():
     p = subprocess.run([sys.executable, "-m", "clax.cli", "run", "--method", "nope"], capture_output=True,
                        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == ["clax: error: unknown method 'nope'; valid: ewc, finetune, joint, lwf, replay"]
+    lines = p.stderr.strip().splitlines()  # one line, whatever methods are registered
+    assert len(lines) == 1 and lines[0].startswith("clax: error: unknown method 'nope'; valid: ") and "ewc" in lines[0]
 
 
 def test_list_names_methods_benchmarks_and_backbones(capsys):

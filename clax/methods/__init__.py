@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from clax.methods.base import Context, Method, TaskData
+from clax.methods.clr import CLR_DEFAULTS, clr
 from clax.methods.ewc import EWC_DEFAULTS, ewc
 from clax.methods.finetune import FINETUNE_DEFAULTS, JOINT_DEFAULTS, finetune, joint
 from clax.methods.ibm import IBM_DEFAULTS, ibm
@@ -13,6 +14,7 @@ from clax.methods.lwf import LWF_DEFAULTS, lwf
 from clax.methods.packnet import PACKNET_DEFAULTS, packnet
 from clax.methods.pah import PAH_DEFAULTS, pah
 from clax.methods.replay import REPLAY_DEFAULTS, replay
+from clax.methods.soft_tf import SOFT_TF_DEFAULTS, soft_tf
 from clax.methods.wsn import WSN_DEFAULTS, wsn
 
 
@@ -50,6 +52,13 @@ METHODS: dict[str, MethodSpec] = {
                          scenarios=("til",), train={"epochs": 20}, backbone_settings={"hidden": [100, 100]}),
     "pah": MethodSpec(pah, PAH_DEFAULTS, "prototype-augmented hypernetwork heads, two-step distillation (De La Fuente et al. 2025)",
                       scenarios=("til",), train={"epochs": 10, "optimizer": "adamw", "weight_decay": 0.01}),
+    # frozen backbones (issue 3): pretrained offline on synthetic glyphs (clax.pretrain), cached per workdir
+    "clr": MethodSpec(clr, CLR_DEFAULTS, "channel-wise lightweight reprogramming of a frozen CNN (Ge et al. 2023)",
+                      backbone="resnet18", scenarios=("til",), train={"epochs": 3, "weight_decay": 1e-5},
+                      backbone_settings={"nf": 8}),
+    "soft_tf": MethodSpec(soft_tf, SOFT_TF_DEFAULTS, "per-task soft masks on a frozen ViT (Kang & Yoo 2024)",
+                          backbone="vit", train={"epochs": 5, "lr": 1e-2, "clip": 1.0},
+                          backbone_settings={"depth": 3}),
 }
 
 

@@ -91,6 +91,8 @@ class Method(NamedTuple):
       task_bytes: optional ``(cl, t) -> int``: bytes stored for task ``t`` beyond its per-task row.
       report: optional ``cl -> dict`` of extra per-run results (e.g. per-task ``mask_density`` and
         ``capacity_used`` of parameter-isolation methods), merged into ``results.json``.
+      test_report: optional host-side ``(cl, benchmark) -> dict`` of figures on the benchmark's test
+        sets after the last task (e.g. Soft-TF's CIL task-id accuracy), merged into ``results.json``.
       train_filter: optional host-side ``TaskData -> int indices`` of the task's training samples to
         train on, applied after ``begin_task`` (PAH drops the images its prototypes were initialised
         from); it must depend on the data only, so that a resumed run drops the same samples.
@@ -109,4 +111,5 @@ class Method(NamedTuple):
     evaluates_unseen: bool = True
     task_bytes: Optional[Callable[[CLState, int], int]] = None
     report: Optional[Callable[[CLState], dict]] = None
+    test_report: Optional[Callable[[CLState, Any], dict]] = None
     train_filter: Optional[Callable[[TaskData], np.ndarray]] = None

@@ -1,0 +1,31 @@
+"""Soft-TF on 10-split CIFAR-100 with a ViT-B/16 (Kang & Yoo, arXiv 2411.16073), CIL and TIL.
+
+Paper protocol (SPEC.md section 2): a frozen ImageNet-21k ViT-B/16; soft masks (init U[0.99, 1]) on
+qkv, proj, fc1, fc2 of the last three blocks; Adam, constant lr 0.03, batch 24, 20 epochs, gradient
+clipping 1.0, label smoothing 0.1. CIL infers the task id (``soft_tf.task_inference``: ``ncm`` or the
+one-shot ``entropy`` rule); clax does not add the authors' DualPrompt prompts.
+
+    python experiments/soft_tf_cifar100.py --workdir runs/soft-tf-cifar100 \
+        --set soft_tf.pretrained=/path/to/vit_b16_in21k.msgpack
+    python experiments/soft_tf_cifar100.py --set scenario=til --set soft_tf.binary=true
+
+Compare with: the Soft-TF rows of the paper's 10-split CIFAR-100 table (CIL and TIL accuracy;
+the paper's runs add DualPrompt, clax's do not); TIL BWT must be exactly 0.0. Not run here (needs the data
+and a GPU); the same config runs at tiny scale on the offline digits in tests/test_soft_tf.py.
+"""
+from clax.config import default_config
+
+
+def get_config() -> dict:
+    cfg = default_config("soft_tf", "split-digits")
+    cfg["benchmark"] = "split-cifar100"
+    cfg["scenario"] = "cil"
+    cfg["backbone"] = {"name": "vit", "patch": 16, "dim": 768, "depth": 12, "heads": 12, "mlp_ratio": 4.0}
+    cfg["train"].update(epochs=20, batch_size=24, optimizer="adam", lr=0.03, clip=1.0)
+    cfg["soft_tf"].update(masked_blocks=3, label_smoothing=0.1)
+    return cfg
+
+
+if __name__ == "__main__":
+    from _common import main
+    main(get_config)

@@ -1,0 +1,118 @@
+"""CLR: zero forgetting, learning, per-task cost, TIL-only, the checked predict, experiment configs."""
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from battery import assert_no_recompile_after_first_task, assert_zero_forgetting, quick_run
+from clax.config import apply_overrides
+from clax.data import get_benchmark
+from clax.methods import get_method
+from clax.methods.frozen import checked_predict
+from clax.models import get_backbone
+from clax.runner import build
+from clax.train import make_context
+
+TINY = ["backbone.nf=4", "clr.pretrained=none", "train.lr=0.01"]  # random frozen backbone: fast
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def til():
+    return quick_run("clr", scenario="til", epochs=2, sets=TINY, num_tasks=3)
+
+
+def test_zero_forgetting_bit_for_bit(til):
+    assert_zero_forgetting(til)
+    assert til["fwt"] == 0.0  # an untrained task is evaluated with its untouched initial row
+
+
+def test_learns_each_task_and_no_recompile(til):
+    assert np.mean(np.diag(til["accuracy_matrix"])) > 0.75, til["accuracy_matrix"]
+    assert_no_recompile_after_first_task(til)
+    assert til["timing"]["traces"] == {"train_step": 1, "eval_step": 1}
+    assert til["report"]["pretrain"]["steps"] == 0
+
+
+def test_pretraining_is_cached_on_disk_and_reloaded(tmp_path):
+    from clax import pretrain
+    bb = get_backbone("mlp", (64,), hidden=[32])
+    p, s, rep = pretrain.pretrained_backbone(bb, "glyphs", steps=400, cache_dir=str(tmp_path))
+    assert rep["heldout_accuracy"] > 0.3 and "no digit" in rep["data"]  # 16 classes: chance is 1/16
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".msgpack")
+    p2, _ = pretrain.load(str(tmp_path / files[1]), bb)
+    jax.tree.map(np.testing.assert_array_equal, p, p2)
+    with pytest.raises(ValueError, match="do not fit"):
+        pretrain.load(str(tmp_path / files[1]), get_backbone("mlp", (64,), hidden=[16]))
+
+
+def test_backbone_is_frozen_and_only_task_rows_change(til):
+    cl = til["state"].cl
+    fresh = til["method"].init(jax.random.PRNGKey(0))
+    jax.tree.map(np.testing.assert_array_equal, cl.frozen, fresh.frozen)
+    k = cl.per_task["reprogram"]["resnet.layer1_0.conv1"]
+    assert not np.array_equal(k[0], k[2]) and cl.shared == {}
+
+
+def test_predict_for_untrained_task_names_it(til):
+    meth, cl, task = til["method"], til["state"].cl, til["bench"].tasks[0]
+    logits = checked_predict(meth, cl, task.x_test[:4], np.zeros(4, np.int32))
+    assert logits.shape == (4, 2)
+    cl2 = cl.replace(extra={**cl.extra, "trained": cl.extra["trained"].at[2].set(False)})
+    with pytest.raises(ValueError, match="task id 2 has not been trained"):
+        checked_predict(meth, cl2, task.x_test[:4], np.array([0, 2, 0, 0], np.int32))
+    with pytest.raises(ValueError, match="task id 2"):  # the eager call checks too
+        meth.predict(cl2, task.x_test[:2], np.array([2, 2], np.int32))
+
+
+def test_per_task_params_under_one_percent_of_resnet18():
+    bench = get_benchmark("split-digits", view="image")
+    ctx = make_context(get_backbone("resnet18", bench.input_shape, nf=64), bench, "til")
+    meth = get_method("clr", ctx, pretrained="none")
+    cl = jax.eval_shape(meth.init, jax.random.PRNGKey(0))
+    backbone = sum(x.size for x in jax.tree.leaves(cl.frozen))
+    row = sum(x.size for x in jax.tree.leaves(cl.per_task)) // ctx.num_tasks  # as results.json counts it
+    assert backbone > 11_000_000
+    dw = sum(x.size for x in jax.tree.leaves(cl.per_task["reprogram"])) // ctx.num_tasks
+    assert 34_000 < dw < 36_000  # the paper's "about 35k depthwise weights"
+    assert row / backbone < 0.01, row / backbone
+
+
+def test_cil_is_refused_with_the_scenario_named():
+    with pytest.raises(ValueError, match="scenario 'cil'"):
+        build(apply_overrides(quick_cfg(), ["scenario=cil"]))
+
+
+def quick_cfg():
+    from battery import quick_config
+    return quick_config("clr", sets=TINY)
+
+
+@pytest.mark.parametrize("name", ["clr_split_cifar100", "clr_5datasets"])
+def test_experiment_config_runs_at_tiny_scale(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cfg = mod.get_config()
+    assert cfg["method"] == "clr" and cfg["train"]["lr"] == 1e-3 and cfg["train"]["epochs"] == 60
+    assert cfg["backbone"]["stem"] == "imagenet" and cfg["backbone"]["nf"] == 64
+    cfg["benchmark"] = "split-digits"
+    cfg = apply_overrides(cfg, ["backbone.name=resnet18", *TINY, "backbone.stem=imagenet", "train.epochs=1"])
+    assert cfg["train"]["lr"] == 0.01
+    out = run_two_tasks(cfg)
+    assert out["bwt"] == 0.0 and np.isfinite(out["acc"])
+
+
+def run_two_tasks(cfg):
+    """The config's run on the first two tasks of its benchmark."""
+    from clax.config import train_config
+    from clax.train import fit
+
+    bench, ctx, _ = build(cfg)
+    bench = type(bench)(bench.name, bench.tasks[:2], bench.num_classes, bench.input_shape)
+    ctx = make_context(ctx.backbone, bench, ctx.scenario)
+    meth = get_method(cfg["method"], ctx, **cfg[cfg["method"]])
+    return fit(meth, ctx, bench, train_config(cfg), progress=False)
