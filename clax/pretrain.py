@@ -192,8 +192,10 @@ def pretrained_backbone(backbone: Backbone, source: str = "glyphs", steps: int =
 
     Args:
       backbone: the backbone.
-      source: ``"glyphs"`` (offline pretraining, see the module docstring), ``"none"`` (the random
-        initialisation, for ablations and fast tests) or a path to a ``.msgpack`` written by :func:`save`.
+      source: ``"glyphs"`` (offline pretraining, see the module docstring), ``"none"`` (the backbone's
+        own ``init``: the imported checkpoint when the backbone was built with ``pretrained=PATH``, else
+        the random initialisation, for ablations and fast tests) or a path to a ``.msgpack`` written by
+        :func:`save`.
       steps, seed: pretraining settings (``"glyphs"`` only).
       cache_dir: where pretrained weights are cached (``""``: only in this process's memory).
     """

@@ -102,6 +102,9 @@ def run(cfg: dict, workdir: str | None = None, progress: bool = True, fresh: boo
     Returns:
       The JSON-ready results (the content of ``results.json``).
     """
+    sec = cfg.get(cfg["method"], {})
+    if workdir and sec.get("pretrain_dir") == "":  # frozen-backbone methods cache their pretraining here
+        cfg = {**cfg, cfg["method"]: {**sec, "pretrain_dir": os.path.join(workdir, "pretrain")}}
     bench, ctx, method = build(cfg)
     tcfg = train_config(cfg)
     rows: list[dict] = []

@@ -6,7 +6,7 @@ depthwise 3x3 reprogramming, BatchNorm and head; Adam lr 1e-3, weight decay 1e-5
 (constant lr: clax has no step decay).
 
     python experiments/clr_5datasets.py --workdir runs/clr-5datasets \
-        --set clr.pretrained=/path/to/resnet18_imagenet.msgpack
+        --set backbone.pretrained=/path/to/resnet18_imagenet.safetensors --set clr.pretrained=none
 
 Compare with: the paper's claim of no forgetting at under 0.6% extra parameters per task (its
 53-task SKILL results); BWT must be exactly 0.0. Not run here (needs the data and a GPU); the same
@@ -19,7 +19,7 @@ def get_config() -> dict:
     cfg = default_config("clr", "split-digits")
     cfg["benchmark"] = "5-datasets"
     cfg["scenario"] = "til"
-    cfg["backbone"] = {"name": "resnet18", "nf": 64, "stem": "imagenet"}
+    cfg["backbone"] = {"name": "resnet18", "nf": 64, "stem": "imagenet", "pretrained": ""}
     cfg["train"].update(epochs=60, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=1e-5)
     cfg["clr"].update(kernel_size=3, full=False)
     return cfg

@@ -7,11 +7,11 @@ lr 1e-3, weight decay 1e-5 on the task parameters, 60 epochs, batch 32 (the pape
 every 20 epochs is not in clax's TrainConfig: constant lr here).
 
     python experiments/clr_split_cifar100.py --workdir runs/clr-cifar100 \
-        --set clr.pretrained=/path/to/resnet18_imagenet.msgpack
+        --set backbone.pretrained=/path/to/resnet18_imagenet.safetensors --set clr.pretrained=none
 
 Compare with: the paper reports CLR on its 53-task SKILL benchmark (about 0.6% extra parameters per
 task, no forgetting); on Split-CIFAR100 expect BWT exactly 0.0 and per-task accuracy set by the
-pretrained features. Without ``clr.pretrained`` the backbone is pretrained on synthetic glyphs
+pretrained features. Without a checkpoint the backbone is pretrained on synthetic glyphs
 (:mod:`clax.pretrain`), far weaker than ImageNet features. Not run here (needs the data and a GPU);
 the same config runs at tiny scale on the offline digits in tests/test_clr.py.
 """
@@ -22,7 +22,7 @@ def get_config() -> dict:
     cfg = default_config("clr", "split-digits")
     cfg["benchmark"] = "split-cifar100"
     cfg["scenario"] = "til"
-    cfg["backbone"] = {"name": "resnet18", "nf": 64, "stem": "imagenet"}
+    cfg["backbone"] = {"name": "resnet18", "nf": 64, "stem": "imagenet", "pretrained": ""}
     cfg["train"].update(epochs=60, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=1e-5)
     cfg["clr"].update(kernel_size=3, full=False)
     return cfg

@@ -6,7 +6,7 @@ clipping 1.0, label smoothing 0.1. CIL infers the task id (``soft_tf.task_infere
 one-shot ``entropy`` rule); clax does not add the authors' DualPrompt prompts.
 
     python experiments/soft_tf_cifar100.py --workdir runs/soft-tf-cifar100 \
-        --set soft_tf.pretrained=/path/to/vit_b16_in21k.msgpack
+        --set backbone.pretrained=/path/to/ViT-B_16.npz --set soft_tf.pretrained=none
     python experiments/soft_tf_cifar100.py --set scenario=til --set soft_tf.binary=true
 
 Compare with: the Soft-TF rows of the paper's 10-split CIFAR-100 table (CIL and TIL accuracy;
@@ -20,7 +20,7 @@ def get_config() -> dict:
     cfg = default_config("soft_tf", "split-digits")
     cfg["benchmark"] = "split-cifar100"
     cfg["scenario"] = "cil"
-    cfg["backbone"] = {"name": "vit", "patch": 16, "dim": 768, "depth": 12, "heads": 12, "mlp_ratio": 4.0}
+    cfg["backbone"] = {"name": "vit", "patch": 16, "dim": 768, "depth": 12, "heads": 12, "mlp_ratio": 4.0, "pretrained": ""}
     cfg["train"].update(epochs=20, batch_size=24, optimizer="adam", lr=0.03, clip=1.0)
     cfg["soft_tf"].update(masked_blocks=3, label_smoothing=0.1)
     return cfg

@@ -5,7 +5,7 @@ fc2 of the last three blocks; Adam, constant lr 0.005, batch 24, gradient clippi
 smoothing 0.1 (epochs as for CIFAR, 20). CIL infers the task id; clax does not add DualPrompt.
 
     python experiments/soft_tf_imagenet_r.py --workdir runs/soft-tf-imr \
-        --set soft_tf.pretrained=/path/to/vit_b16_in21k.msgpack
+        --set backbone.pretrained=/path/to/ViT-B_16.npz --set soft_tf.pretrained=none
 
 Compare with: the Soft-TF rows of the paper's 10-split ImageNet-R table (with DualPrompt, which
 clax does not add); TIL BWT must be exactly 0.0. Not run here (needs the data and a GPU); the same config
@@ -18,7 +18,7 @@ def get_config() -> dict:
     cfg = default_config("soft_tf", "split-digits")
     cfg["benchmark"] = "imagenet-r"
     cfg["scenario"] = "cil"
-    cfg["backbone"] = {"name": "vit", "patch": 16, "dim": 768, "depth": 12, "heads": 12, "mlp_ratio": 4.0}
+    cfg["backbone"] = {"name": "vit", "patch": 16, "dim": 768, "depth": 12, "heads": 12, "mlp_ratio": 4.0, "pretrained": ""}
     cfg["train"].update(epochs=20, batch_size=24, optimizer="adam", lr=0.005, clip=1.0)
     cfg["soft_tf"].update(masked_blocks=3, label_smoothing=0.1)
     return cfg

@@ -26,7 +26,7 @@ from clax.methods.frozen import PRETRAIN_DEFAULTS, by_task, check_trained, froze
 from clax.partition import CLState
 from clax.transforms import classifier, reprogram
 
-CLR_DEFAULTS = {"kernel_size": 3, "full": False, **PRETRAIN_DEFAULTS}
+CLR_DEFAULTS = {"kernel_size": 3, "full": False, **{**PRETRAIN_DEFAULTS, "pretrain_steps": 120}}
 
 
 def clr(ctx: Context, **settings) -> Method:
