@@ -7,9 +7,9 @@ from clax.methods.base import Context, Method, TaskData
 from clax.methods.clr import CLR_DEFAULTS, clr
 from clax.methods.ewc import EWC_DEFAULTS, ewc
 from clax.methods.finetune import FINETUNE_DEFAULTS, JOINT_DEFAULTS, finetune, joint
-from clax.methods.ibm import IBM_DEFAULTS, ibm
 from clax.methods.hembed import HEMBED_DEFAULTS, hembed
 from clax.methods.hnet import HNET_DEFAULTS, hnet
+from clax.methods.ibm import IBM_DEFAULTS, ibm
 from clax.methods.lwf import LWF_DEFAULTS, lwf
 from clax.methods.packnet import PACKNET_DEFAULTS, packnet
 from clax.methods.pah import PAH_DEFAULTS, pah
