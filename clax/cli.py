@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Callable
 import time
 
 import numpy as np
@@ -145,8 +146,15 @@ def main(argv=None) -> int:
     if args.cmd is None:
         p.print_help()
         return EXIT_USAGE
+    return guarded({"run": cmd_run, "list": cmd_list}.get(args.cmd, getattr(args, "func", None)), args)
+
+
+def guarded(fn: Callable[..., int], *args) -> int:
+    """``fn(*args)``, with clax's exit codes: a user error (``ValueError``, ``FileNotFoundError``) prints
+    one line ``clax: error: ...`` and gives 2, a diverged run (:class:`clax.train.NonFiniteLossError`)
+    3, Ctrl-C 130. Used by the ``clax`` command and the experiment scripts."""
     try:
-        return {"run": cmd_run, "list": cmd_list}.get(args.cmd, getattr(args, "func", None))(args)
+        return fn(*args)
     except (ValueError, FileNotFoundError) as e:
         print(f"clax: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -160,7 +168,6 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("clax: interrupted", file=sys.stderr)
         return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())

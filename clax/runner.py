@@ -80,6 +80,7 @@ def build(cfg: dict):
     """``(benchmark, context, method)`` for a config."""
     check_name("method", cfg["method"], METHODS)
     check_name("benchmark", cfg["benchmark"], BENCHMARKS)
+    train_config(cfg)  # bad training settings fail here, before any data loads
     bb = dict(cfg["backbone"])
     name = bb.pop("name")
     from clax.data.pipeline import benchmark_kwargs

@@ -8,6 +8,7 @@ batches have one shape, so moving to a new task does not recompile unless the me
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable, Optional
 
@@ -75,6 +76,9 @@ class TrainConfig:
       eval_batch_size: evaluation batch size (the last batch is padded and masked).
       optimizer: ``adam``, ``adamw`` or ``sgd``.
       lr: learning rate; ``weight_decay``, ``momentum`` (sgd), ``clip`` (global norm, 0 = off).
+      lr_schedule: how ``lr`` changes over each task's epochs (it restarts with every task):
+        ``constant``; ``step:EVERY:GAMMA`` (multiply by ``GAMMA`` every ``EVERY`` epochs, e.g. CLR's
+        ``step:20:0.1``); ``cosine`` (from ``lr`` to 0 over the task's epochs, one value per epoch).
       seed: seeds parameters, data order and every random draw.
     """
 
@@ -86,21 +90,71 @@ class TrainConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     clip: float = 0.0
+    lr_schedule: str = "constant"
     seed: int = 0
+
+    def __post_init__(self):
+        lr_at(self, 0)  # a bad schedule is an error where the config is made, before any data loads
+
+
+def lr_at(cfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of epoch ``epoch`` (0-based, within a task) under ``cfg.lr_schedule``.
+
+    Raises:
+      ValueError: an unknown or malformed schedule, naming it and the valid forms.
+    """
+    s = cfg.lr_schedule
+    if s == "constant":
+        return cfg.lr
+    if s == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / max(1, cfg.epochs)))
+    parts = s.split(":")
+    if parts[0] == "step" and len(parts) == 3:
+        try:
+            every, gamma = int(parts[1]), float(parts[2])
+        except ValueError:
+            every = 0
+        if every > 0:
+            return cfg.lr * gamma ** (epoch // every)
+    raise ValueError(f"train.lr_schedule {s!r} is not valid; valid: constant, cosine, step:EVERY:GAMMA "
+                     "(e.g. step:20:0.1)")
+
+
+def set_lr(opt_state, lr: float):
+    """``opt_state`` of an optimizer from :func:`make_optimizer` with its learning rate set to ``lr``.
+
+    Only a scheduled optimizer (``lr_schedule`` other than ``constant``) carries its rate in the state
+    (``optax.inject_hyperparams``); the new rate is an array of the same dtype, so nothing recompiles.
+    """
+    hp = dict(opt_state.hyperparams)
+    hp["learning_rate"] = jnp.asarray(lr, hp["learning_rate"].dtype)
+    return opt_state._replace(hyperparams=hp)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """The optax optimizer described by ``cfg``."""
-    if cfg.optimizer == "adam":
-        tx = optax.adam(cfg.lr) if not cfg.weight_decay else optax.chain(
-            optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.lr))
-    elif cfg.optimizer == "adamw":
-        tx = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
-    elif cfg.optimizer == "sgd":
-        tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.sgd(cfg.lr, cfg.momentum or None))
-    else:
-        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: adam, adamw, sgd")
-    return optax.chain(optax.clip_by_global_norm(cfg.clip), tx) if cfg.clip else tx
+    """The optax optimizer described by ``cfg``.
+
+    With a ``lr_schedule`` other than ``constant`` the learning rate lives in the optimizer state
+    (``optax.inject_hyperparams``) and :func:`fit` sets it at the start of every epoch (:func:`lr_at`).
+    """
+    def build(learning_rate):
+        if cfg.optimizer == "adam":
+            tx = optax.adam(learning_rate) if not cfg.weight_decay else optax.chain(
+                optax.add_decayed_weights(cfg.weight_decay), optax.adam(learning_rate))
+        elif cfg.optimizer == "adamw":
+            tx = optax.adamw(learning_rate, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "sgd":
+            tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                             optax.sgd(learning_rate, cfg.momentum or None))
+        else:
+            raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: adam, adamw, sgd")
+        return optax.chain(optax.clip_by_global_norm(cfg.clip), tx) if cfg.clip else tx
+
+    lr_at(cfg, 0)  # validates the schedule
+    if cfg.lr_schedule == "constant":
+        return build(cfg.lr)
+    build(cfg.lr)  # validates the optimizer name before optax wraps it
+    return optax.inject_hyperparams(build)(learning_rate=cfg.lr)
 
 
 def make_context(backbone: Backbone, bench: Benchmark, scenario: str) -> Context:
@@ -302,6 +356,8 @@ def fit(
                    disable=not progress, leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
         for epoch in range(done // per_epoch, cfg.epochs):
+            if cfg.lr_schedule != "constant":
+                ts = ts.replace(opt_state=set_lr(ts.opt_state, lr_at(cfg, epoch)))
             # The data order depends on (seed, task, epoch) only, so a resumed run sees the same batches.
             rng = np.random.default_rng([cfg.seed, r, epoch])
             losses = [jnp.float32(v) for v in resume[1].epoch_losses] if done and epoch == done // per_epoch else []

@@ -2,8 +2,8 @@
 ImageNet-style ResNet-18 (Ge et al., ICCV 2023, arXiv 2307.11386).
 
 Paper protocol (SPEC.md section 1): frozen ImageNet ResNet-18 (nf=64, torchvision stem), per-task
-depthwise 3x3 reprogramming, BatchNorm and head; Adam lr 1e-3, weight decay 1e-5, 60 epochs, batch 32
-(constant lr: clax has no step decay).
+depthwise 3x3 reprogramming, BatchNorm and head; Adam lr 1e-3 with x0.1 step decay every 20
+epochs, weight decay 1e-5, 60 epochs, batch 32.
 
     python experiments/clr_5datasets.py --workdir runs/clr-5datasets \
         --set backbone.pretrained=/path/to/resnet18_imagenet.safetensors --set clr.pretrained=none
@@ -12,16 +12,17 @@ Compare with: the paper's claim of no forgetting at under 0.6% extra parameters 
 53-task SKILL results); BWT must be exactly 0.0. Not run here (needs the data and a GPU); the same
 config runs at tiny scale on the offline digits in tests/test_clr.py.
 """
-from clax.config import default_config
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the base protocol sits beside
+from clr_split_cifar100 import get_config as split_cifar100_config  # noqa: E402
 
 
 def get_config() -> dict:
-    cfg = default_config("clr", "split-digits")
+    """CLR on 5-datasets: the Split-CIFAR100 protocol (clr_split_cifar100.py) on another stream."""
+    cfg = split_cifar100_config()
     cfg["benchmark"] = "5-datasets"
-    cfg["scenario"] = "til"
-    cfg["backbone"] = {"name": "resnet18", "nf": 64, "stem": "imagenet", "pretrained": ""}
-    cfg["train"].update(epochs=60, batch_size=32, optimizer="adam", lr=1e-3, weight_decay=1e-5)
-    cfg["clr"].update(kernel_size=3, full=False)
     return cfg
 
 

@@ -9,18 +9,12 @@ Expected: BWT exactly 0.0; ACC and mask density to compare with the paper's Tabl
 Note: the authors' data set class sets MultiStepLR milestones 35/45 that a 10-epoch run never reaches;
 clax has no learning-rate schedule, so the constant rate of those 10 epochs is what runs here.
 """
-from __future__ import annotations
-
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _isolation import base_config, main  # noqa: E402
+from clax.config import default_config
 
 
 def get_config() -> dict:
     """IBM on Split-CIFAR100 (10 tasks), ResNet-18 nf=64: the authors' released hyperparameters."""
-    cfg = base_config("ibm", "split-cifar100")
+    cfg = default_config("ibm", "split-cifar100")
     cfg["backbone"] = {"name": "resnet18", "nf": 64, "stem": "cifar"}
     cfg["train"].update(epochs=10, batch_size=256, optimizer="adam", lr=1e-3, weight_decay=0.0)
     cfg["ibm"].update(kl_fac=1e-3, kl_per_sample=True, svd=True, svd_every=50, vb_lr_mult=1.0)
@@ -28,4 +22,5 @@ def get_config() -> dict:
 
 
 if __name__ == "__main__":
+    from _common import main
     main(get_config)

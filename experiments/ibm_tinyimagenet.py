@@ -8,23 +8,21 @@ ratio on and recomputed every 50 epochs, variational lr multiplier 1.
 Needs tiny-imagenet-200 on disk (``--set data_dir=PATH``). The 10-task split of the authors' code is
 ``--set benchmark=split-tinyimagenet``.
 """
-from __future__ import annotations
-
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _isolation import base_config, main  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the base protocol sits beside
+from ibm_cifar100 import get_config as cifar100_config  # noqa: E402
 
 
 def get_config() -> dict:
     """IBM on Split-TinyImageNet (20 tasks), ResNet-18 nf=64: the authors' released hyperparameters."""
-    cfg = base_config("ibm", "split-tinyimagenet-20")
-    cfg["backbone"] = {"name": "resnet18", "nf": 64, "stem": "cifar"}
-    cfg["train"].update(epochs=300, batch_size=256, optimizer="adam", lr=1e-3, weight_decay=0.0)
-    cfg["ibm"].update(kl_fac=1e-3, kl_per_sample=True, svd=True, svd_every=50, vb_lr_mult=1.0)
+    cfg = cifar100_config()
+    cfg["benchmark"] = "split-tinyimagenet-20"
+    cfg["train"]["epochs"] = 300
     return cfg
 
 
 if __name__ == "__main__":
+    from _common import main
     main(get_config)

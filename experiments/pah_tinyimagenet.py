@@ -9,16 +9,17 @@ epochs, batch 64, KD weight 0.5 at T = 2, TIL.
 Reported: TinyImageNet (10 tasks): 63.65 +- 1.94 ACC, 4.43 forgetting. Not run here (needs the data on disk and a GPU); the same config runs at tiny scale
 on the offline digits in tests/test_pah.py.
 """
-from clax.config import default_config
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the base protocol sits beside
+from pah_cifar100 import get_config as cifar100_config  # noqa: E402
 
 
 def get_config() -> dict:
-    cfg = default_config("pah", "split-tinyimagenet")
-    cfg["scenario"] = "til"
-    cfg["backbone"] = {"name": "resnet18", "nf": 20, "stem": "cifar"}
-    cfg["train"].update(epochs=15, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=0.01)
-    cfg["pah"].update(proto_size=10, proto_channels=1, init="semantic", hidden=[16], alpha=0.5,
-                      temperature=2.0, backbone_lr_scale=0.1)
+    """PAH on Split-TinyImageNet: the Split-CIFAR100 protocol (pah_cifar100.py) on another stream."""
+    cfg = cifar100_config()
+    cfg["benchmark"] = "split-tinyimagenet"
     return cfg
 
 

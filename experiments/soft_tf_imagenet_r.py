@@ -11,16 +11,18 @@ Compare with: the Soft-TF rows of the paper's 10-split ImageNet-R table (with Du
 clax does not add); TIL BWT must be exactly 0.0. Not run here (needs the data and a GPU); the same config
 runs at tiny scale on the offline digits in tests/test_soft_tf.py.
 """
-from clax.config import default_config
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the base protocol sits beside
+from soft_tf_cifar100 import get_config as cifar100_config  # noqa: E402
 
 
 def get_config() -> dict:
-    cfg = default_config("soft_tf", "split-digits")
+    """Soft-TF on 10-split ImageNet-R: the CIFAR-100 protocol (soft_tf_cifar100.py) at lr 0.005."""
+    cfg = cifar100_config()
     cfg["benchmark"] = "imagenet-r"
-    cfg["scenario"] = "cil"
-    cfg["backbone"] = {"name": "vit", "patch": 16, "dim": 768, "depth": 12, "heads": 12, "mlp_ratio": 4.0, "pretrained": ""}
-    cfg["train"].update(epochs=20, batch_size=24, optimizer="adam", lr=0.005, clip=1.0)
-    cfg["soft_tf"].update(masked_blocks=3, label_smoothing=0.1)
+    cfg["train"]["lr"] = 0.005
     return cfg
 
 

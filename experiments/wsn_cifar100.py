@@ -9,18 +9,12 @@ Expected: BWT exactly 0.0; ACC to compare with IBM's Table 1, which reports WSN 
 ResNet-18 beside its own result. WSN's learning-rate patience schedule (halve on plateau) is not
 reproduced: clax runs a constant rate.
 """
-from __future__ import annotations
-
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _isolation import base_config, main  # noqa: E402
+from clax.config import default_config
 
 
 def get_config() -> dict:
     """WSN on Split-CIFAR100 (10 tasks), ResNet-18 nf=64, c = 0.5: WSN's released hyperparameters."""
-    cfg = base_config("wsn", "split-cifar100")
+    cfg = default_config("wsn", "split-cifar100")
     cfg["backbone"] = {"name": "resnet18", "nf": 64, "stem": "cifar"}
     cfg["train"].update(epochs=200, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0)
     cfg["wsn"].update(sparsity=0.5)
@@ -28,4 +22,5 @@ def get_config() -> dict:
 
 
 if __name__ == "__main__":
+    from _common import main
     main(get_config)

@@ -73,20 +73,24 @@ def depthwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
     per sample). Equals PyTorch's ``Conv2d(C, C, k, padding=k // 2, groups=C, bias=False)`` with
     weight ``kernel.transpose(2, 0, 1)[:, None]``.
 
-    Computed as a sum of ``k * k`` shifted, channel-scaled copies of ``x``: XLA fuses it into one pass,
-    where a grouped ``conv_general_dilated`` is several times slower on CPU (BENCHMARKS.md).
+    Computed with shifted, channel-scaled copies of ``x`` rather than a grouped
+    ``conv_general_dilated``, which XLA runs several times slower on CPU (BENCHMARKS.md): first, for
+    each kernel column ``j``, the vertical part ``sum_i x[h + i - p] * kernel[i, j]``; then the ``k``
+    column sums, each shifted horizontally by ``j - p``. XLA fuses each stage into one pass.
     """
     k = kernel.shape[-3]
     if kernel.shape[-2] != k or k % 2 == 0:
         raise ValueError(f"depthwise kernel must be k x k with k odd, got shape {kernel.shape}")
     p = k // 2
     h, w = x.shape[1], x.shape[2]
-    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
     kern = kernel.astype(x.dtype)
     if kern.ndim == 4:  # per sample: [B, 1, 1, C] factors
         kern = kern[:, :, :, None, None, :]
-        return sum(xp[:, i:i + h, j:j + w] * kern[:, i, j] for i in range(k) for j in range(k))
-    return sum(xp[:, i:i + h, j:j + w] * kern[i, j] for i in range(k) for j in range(k))
+    tap = lambda i, j: kern[:, i, j] if kern.ndim == 6 else kern[i, j]  # noqa: E731
+    xp = jnp.pad(x, ((0, 0), (p, p), (0, 0), (0, 0)))
+    cols = [sum(xp[:, i:i + h] * tap(i, j) for i in range(k)) for j in range(k)]
+    cols = [jnp.pad(c, ((0, 0), (0, 0), (p, p), (0, 0))) for c in cols]
+    return sum(c[:, :, j:j + w] for j, c in enumerate(cols))
 
 
 def _pick(leaf: jax.Array, tid) -> jax.Array:
