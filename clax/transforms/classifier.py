@@ -6,12 +6,16 @@ row; in CIL one head over all classes is shared. The backbone's parameters go to
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import jax.numpy as jnp
 import optax
 
-from clax.methods.base import Context
 from clax.partition import CLState
+
+if TYPE_CHECKING:  # a runtime import would cycle: clax.methods imports this module
+    from clax.methods.base import Context
 
 NEG = -1e9
 
