@@ -15,19 +15,20 @@ Every step is the trainer's own compiled step (:class:`clax.train.Steps`) on one
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from clax.data import get_benchmark
 from clax.methods import get_method
 from clax.methods.finetune import classifier_method
 from clax.models import get_backbone
-from clax.train import Steps, TrainConfig, TrainState, make_context, make_optimizer, trainable
+from clax.train import make_context
 from clax.transforms import classifier
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import train_step_seconds  # noqa: E402
 
 
 def linear_probe(ctx):
@@ -43,56 +44,38 @@ def linear_probe(ctx):
     return classifier_method("probe", ctx, init=init, loss=loss)
 
 
-def time_step(method, ctx, bench, n: int) -> float:
-    """Median seconds of the compiled train step of ``method``."""
-    tx = make_optimizer(TrainConfig(lr=1e-3))
-    steps = Steps(method, tx, "til")
-    cl = method.init(jax.random.PRNGKey(0))
-    ts = TrainState(cl, tx.init(trainable(cl, 0)), jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
-    task = bench.tasks[0]
-    idx = np.arange(32) % len(task.y_train)
-    batch = {"x": task.x_train[idx], "y": task.targets(task.y_train, "til")[idx], "tid": np.zeros(32, np.int32)}
-    t = jnp.int32(0)
-    for _ in range(3):
-        ts, m = steps.train_step(ts, batch, t)
-    jax.block_until_ready(ts)
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        ts, m = steps.train_step(ts, batch, t)
-        jax.block_until_ready(ts)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser()
-    p.add_argument("--nf", type=int, default=20, help="ResNet-18 width (20 reduced, 64 full)")
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument("--nf", type=int, nargs="+", default=[20], help="ResNet-18 widths (20 reduced, 64 full)")
     p.add_argument("--steps", type=int, default=30)
     args = p.parse_args(argv)
     bench = get_benchmark("split-digits", view="image")
     rows = []
-
-    ctx = make_context(get_backbone("resnet18", bench.input_shape, nf=args.nf), bench, "til")
-    clr = get_method("clr", ctx, pretrained="none")
-    bn_only = clr._replace(init=lambda k: (lambda cl: cl.replace(per_task={**cl.per_task, "reprogram": {}}))(
-        clr.init(k)))
-    r = {name: time_step(m, ctx, bench, args.steps) for name, m in
-         (("clr", clr), ("probe", linear_probe(ctx)), ("bn+head", bn_only), ("finetune", get_method("finetune", ctx)))}
-    rows.append((f"resnet18 nf={args.nf}", r, "clr"))
+    for nf in args.nf:
+        ctx = make_context(get_backbone("resnet18", bench.input_shape, nf=nf), bench, "til")
+        clr = get_method("clr", ctx, pretrained="none")
+        bn_only = clr._replace(init=lambda k, clr=clr: (lambda cl: cl.replace(
+            per_task={**cl.per_task, "reprogram": {}}))(clr.init(k)))
+        r = {name: train_step_seconds(m, bench, iters=args.steps) for name, m in
+             (("clr", clr), ("probe", linear_probe(ctx)), ("bn+head", bn_only),
+              ("finetune", get_method("finetune", ctx)))}
+        rows.append((f"resnet18 nf={nf}", r, "clr", ("bn+head", "probe")))
 
     ctx = make_context(get_backbone("vit", bench.input_shape, depth=3), bench, "til")
     soft = get_method("soft_tf", ctx, pretrained="none")
-    r = {name: time_step(m, ctx, bench, args.steps) for name, m in
+    r = {name: train_step_seconds(m, bench, iters=args.steps) for name, m in
          (("soft_tf", soft), ("probe", linear_probe(ctx)), ("finetune", get_method("finetune", ctx)))}
-    rows.append(("vit depth=3 dim=64", r, "soft_tf"))
+    rows.append(("vit depth=3 dim=64", r, "soft_tf", None))
 
     print(f"devices: {jax.devices()}; batch 32 of 32x32x3; median of {args.steps} steps")
-    for name, r, main_key in rows:
+    for name, r, main_key, floor in rows:
         print(f"\n{name}")
         for k, v in r.items():
             ratio = "" if k == main_key else f"   {main_key}/{k} = {r[main_key] / v:.2f}"
             print(f"  {k:<9} {v * 1e3:8.2f} ms{ratio}")
+        if floor:  # what any method that back-propagates through the whole backbone pays over a probe
+            print(f"  floor: {floor[0]}/{floor[1]} = {r[floor[0]] / r[floor[1]]:.2f} "
+                  f"(the backward pass through the frozen backbone, without reprogramming)")
 
 
 if __name__ == "__main__":

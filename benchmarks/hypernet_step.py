@@ -15,16 +15,19 @@ a warm-up step (compilation excluded).
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from clax.data.stream import Benchmark
 from clax.methods import get_method
 from clax.models import get_backbone
-from clax.train import Steps, TrainConfig, TrainState, make_context, make_optimizer, trainable
+from clax.train import make_context
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import train_step_seconds  # noqa: E402
 
 
 def _bench(num_tasks: int, classes: int = 10, n: int = 64) -> Benchmark:
@@ -42,27 +45,7 @@ def step_time(method_name: str, backbone: str, bb_settings: dict, num_tasks: int
     bench = _bench(num_tasks)
     ctx = make_context(get_backbone(backbone, bench.input_shape, **bb_settings), bench, "til")
     method = get_method(method_name, ctx, **(settings or {}))
-    cfg = TrainConfig(batch_size=batch)
-    tx = make_optimizer(cfg)
-    steps = Steps(method, tx, "til")
-    cl = method.init(jax.random.PRNGKey(0))
-    task = bench.tasks[t]
-    from clax.methods.base import TaskData
-    y_local = task.targets(task.y_train, "til")
-    cl = method.begin_task(cl, TaskData(t, task.x_train, y_local, jax.random.PRNGKey(1), batch))
-    ts = TrainState(cl, tx.init(trainable(cl, jnp.int32(t))), jax.random.PRNGKey(2), jnp.zeros((), jnp.int32))
-    idx = np.resize(np.arange(len(y_local)), batch)
-    b = {"x": jnp.asarray(task.x_train[idx]), "y": jnp.asarray(y_local[idx]), "tid": jnp.full(batch, t, jnp.int32)}
-    tt = jnp.int32(t)
-    ts, _ = steps.train_step(ts, b, tt)
-    jax.block_until_ready(ts)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        ts, m = steps.train_step(ts, b, tt)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return train_step_seconds(method, bench, t=t, iters=iters, batch_size=batch, warmup=1, begin_task=True)
 
 
 def main(argv=None):

@@ -11,20 +11,19 @@ the same run (the registry's defaults: same epochs, batch, lr) and reports ``tim
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import os
+import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import train_step_seconds  # noqa: E402
 
 
 def step_time(method: str, backbone: str, nf: int, iters: int) -> float:
     """Median seconds of one compiled train step of ``method`` (task 1, so masks are consolidated)."""
     from clax.config import apply_overrides, default_config, train_config
-    from clax.data import train_batches
     from clax.runner import build
-    from clax.train import Steps, TrainState, make_optimizer, trainable
 
     cfg = default_config(method)
     cfg["scenario"] = "til"
@@ -32,24 +31,7 @@ def step_time(method: str, backbone: str, nf: int, iters: int) -> float:
         cfg = apply_overrides(cfg, [f"backbone.name={backbone}", f"backbone.nf={nf}"])
     bench, ctx, meth = build(cfg)
     tc = train_config(cfg)
-    tx = make_optimizer(tc)
-    steps = Steps(meth, tx, "til")
-    cl = meth.init(jax.random.PRNGKey(0))
-    t = jnp.int32(1)
-    ts = TrainState(cl, tx.init(trainable(cl, t)), jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
-    task = bench.tasks[1]
-    batch = next(iter(train_batches(task.x_train, task.targets(task.y_train, "til"), tc.batch_size,
-                                    np.random.default_rng(0), np.full(len(task.y_train), 1, np.int32))))
-    for _ in range(5):
-        ts, _ = steps.train_step(ts, batch, t)
-    jax.block_until_ready(ts)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        ts, m = steps.train_step(ts, batch, t)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return train_step_seconds(meth, bench, t=1, iters=iters, batch_size=tc.batch_size, warmup=5, cfg=tc)
 
 
 def total_time(method: str, seed: int) -> dict:

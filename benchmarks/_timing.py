@@ -1,0 +1,45 @@
+"""Shared timing helper of the step benchmarks: the trainer's own compiled step, median after warm-up."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clax.data import Benchmark
+from clax.methods.base import Method, TaskData
+from clax.train import Steps, TrainConfig, TrainState, make_optimizer, trainable
+
+
+def train_step_seconds(method: Method, bench: Benchmark, t: int = 0, iters: int = 20, batch_size: int = 32,
+                       warmup: int = 3, begin_task: bool = False, cfg: TrainConfig | None = None) -> float:
+    """Median seconds of ``iters`` calls of the compiled train step of ``method`` on one TIL batch of
+    task ``t`` of ``bench`` (after ``warmup`` calls, which include the compilation).
+
+    With ``begin_task`` the method's ``begin_task`` hook runs first on task ``t``'s training data (as
+    the trainer does), e.g. for methods that build per-task state there.
+    """
+    cfg = cfg or TrainConfig(batch_size=batch_size, lr=1e-3)
+    tx = make_optimizer(cfg)
+    steps = Steps(method, tx, "til")
+    cl = method.init(jax.random.PRNGKey(0))
+    task = bench.tasks[t]
+    y = task.targets(task.y_train, "til")
+    if begin_task:
+        cl = method.begin_task(cl, TaskData(t, task.x_train, y, jax.random.PRNGKey(1), batch_size))
+    tt = jnp.int32(t)
+    ts = TrainState(cl, tx.init(trainable(cl, tt)), jax.random.PRNGKey(2), jnp.zeros((), jnp.int32))
+    idx = np.resize(np.arange(len(y)), batch_size)
+    batch = {"x": jnp.asarray(task.x_train[idx]), "y": jnp.asarray(y[idx]), "tid": jnp.full(batch_size, t, jnp.int32)}
+    for _ in range(warmup):
+        ts, _ = steps.train_step(ts, batch, tt)
+    jax.block_until_ready(ts)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        ts, m = steps.train_step(ts, batch, tt)
+        jax.block_until_ready(ts)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
