@@ -39,7 +39,7 @@ def test_stored_masks_are_the_bitpacked_top_c_of_the_scores(out):
 
 
 def test_scores_get_a_straight_through_gradient(out):
-    ctx, meth = out["ctx"], out["method"]
+    meth = out["method"]
     cl = out["state"].cl
     x = jnp.asarray(out["bench"].tasks[0].x_train[:8])
     batch = {"x": x, "y": jnp.zeros(8, jnp.int32), "tid": jnp.zeros(8, jnp.int32)}

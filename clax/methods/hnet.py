@@ -24,7 +24,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from clax import partition as P
 from clax.methods.base import Context, Method, TaskData
