@@ -88,7 +88,9 @@ class Method(NamedTuple):
       end_epoch: optional host-side hook ``(cl, TaskData, epoch) -> cl`` (e.g. IBM's periodic SVD).
       cumulative: train task ``r`` on the union of tasks ``0..r`` (joint training).
       evaluates_unseen: whether a task can be evaluated before it is trained (for FWT).
-      task_bytes: optional ``(cl, t) -> int``: bytes stored for task ``t`` beyond its per-task row.
+      task_bytes: optional ``(cl, t) -> int``: bytes stored for task ``t`` beyond its per-task row as
+        the trainer counts it (float32 arrays); negative where the method stores that row more
+        compactly (soft masks in int8, binary masks bit-packed), so the reported total is what is stored.
       report: optional ``cl -> dict`` of extra per-run results (e.g. per-task ``mask_density`` and
         ``capacity_used`` of parameter-isolation methods), merged into ``results.json``.
       test_report: optional host-side ``(cl, benchmark) -> dict`` of figures on the benchmark's test
