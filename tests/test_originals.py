@@ -8,7 +8,6 @@ must fail the same comparison. Skips where timm / torchvision are not installed 
 import importlib.util
 import os
 import sys
-import types
 
 import jax
 import numpy as np
@@ -22,47 +21,10 @@ if importlib.util.find_spec("timm") is None or importlib.util.find_spec("torchvi
 from clax.models import get_backbone  # noqa: E402
 from clax.models import pretrained  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+from check_originals import import_originals, randomise, save_formats  # noqa: E402
+
 TOL = 1e-4
-
-
-def _import_originals():
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError:  # a torchvision wheel whose C extension does not fit this torch: model code only
-        for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
-            del sys.modules[k]
-        spec = importlib.util.find_spec("torchvision")
-        pkg = types.ModuleType("torchvision")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        pkg.__file__ = spec.origin
-        sys.modules["torchvision"] = pkg
-    import timm.models.vision_transformer as tv
-    import torchvision.models as tvm
-
-    return tv, tvm
-
-
-def _randomise(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-    return model.eval()
-
-
-def _save(model, directory, stem):
-    from safetensors.torch import save_file
-
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    paths = {ext: os.path.join(directory, stem + ext) for ext in (".safetensors", ".pth")}
-    save_file(sd, paths[".safetensors"])
-    torch.save(sd, paths[".pth"])
-    return paths
 
 
 def _clax(name, settings, path, x_nhwc, edit=None):
@@ -80,14 +42,15 @@ def _rel(ref, got):
 
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory):
-    tv, tvm = _import_originals()
+    _, timm, tvm, _ = import_originals()
+    tv = timm.models.vision_transformer
     torch.manual_seed(0)
     tmp = str(tmp_path_factory.mktemp("originals"))
     # timm's ViT-B/16 class at small scale: same key layout (patch_embed.proj, cls_token, pos_embed,
     # blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}, norm, head)
-    vit = _randomise(tv.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+    vit = randomise(torch, tv.VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                                           num_classes=5))
-    resnet = _randomise(tvm.resnet18(weights=None))
+    resnet = randomise(torch, tvm.resnet18(weights=None))
     g = torch.Generator().manual_seed(1)
     x_vit = torch.randn(2, 3, 32, 32, generator=g)
     x_res = torch.randn(2, 3, 64, 64, generator=g)
@@ -97,9 +60,9 @@ def originals(tmp_path_factory):
         f_res = resnet(x_res).numpy()
         resnet.fc = fc  # saved with its head, as the real state dict is (clax skips it)
     out = {
-        "vit": dict(paths=_save(vit, tmp, "vit"), x=x_vit.permute(0, 2, 3, 1).numpy(), ref=f_vit, name="vit",
+        "vit": dict(paths=dict(zip((".safetensors", ".pth"), save_formats(torch, vit, tmp, "vit"))), x=x_vit.permute(0, 2, 3, 1).numpy(), ref=f_vit, name="vit",
                     settings=dict(patch=8, dim=32, depth=2, heads=2, mlp_ratio=4.0)),
-        "resnet": dict(paths=_save(resnet, tmp, "resnet"), x=x_res.permute(0, 2, 3, 1).numpy(), ref=f_res,
+        "resnet": dict(paths=dict(zip((".safetensors", ".pth"), save_formats(torch, resnet, tmp, "resnet"))), x=x_res.permute(0, 2, 3, 1).numpy(), ref=f_res,
                        name="resnet18", settings=dict(nf=64, stem="imagenet")),
     }
     return out
