@@ -8,7 +8,20 @@ With ``binary=True`` task ``t`` instead learns scores and keeps the top ``keep``
 weight with a straight-through gradient (:mod:`clax.transforms.binary_mask`, as in WSN); scores start at
 ``|W| * U(0.99, 1)`` so the first kept set is the largest weights. Each task has its own linear head
 (other tasks' outputs masked); the loss is cross-entropy with ``label_smoothing`` over the task's
-classes. The authors also add DualPrompt prompts; clax does not (noted in the README).
+classes.
+
+DualPrompt prompts (opt-in, ``prompts=True``; the authors' combination, :mod:`clax.transforms.prompt`):
+prefix-tuning prompts of ``prompt_length`` tokens (key- and value-prefixes prepended to attention keys
+and values). G-prompts at blocks ``g_prompt_layers`` are shared by all tasks (partition ``shared``);
+E-prompts at blocks ``e_prompt_layers`` and one key per task are per-task rows (``per_task``). Negative
+layer indices count from the last block, so the default ``[-3, -2, -1]`` is blocks 9-11 of ViT-B/16,
+the masked blocks. The loss adds ``key_loss_weight * (1 - cos(q, key_t))`` (DualPrompt's pull
+constraint, coefficient 1.0), ``q`` the frozen backbone's CLS feature (no masks, no prompts). A new
+task's E-prompt starts as a copy of the previous task's (the authors' ``shared_prompt_pool``); its key
+does not. The authors train the G-prompts in every task (their Table-1 script passes ``--no_pgp``, so
+without gradient projection), which forgets; clax by default trains them in the first task only
+(``g_prompt_tasks="first"``: the update of ``shared`` is masked out afterwards), so zero forgetting
+still holds exactly; ``g_prompt_tasks="all"`` is the authors' schedule.
 
 Zero forgetting: only row ``t`` of the masks and heads is trained in task ``t``; at the end of the task
 the row is replaced by what is stored (the soft mask rounded to ``mask_precision``, or the hard binary
@@ -20,8 +33,13 @@ CIL: the task id is inferred per sample, by ``task_inference``:
     weights ``alpha = 1/T_seen``, and pick the task with the largest ``-d(entropy)/d(alpha_t)``
     (one forward-mode derivative per task);
   * ``"ncm"``: nearest class mean of the frozen (unmasked) backbone's L2-normalised CLS features,
-    means taken over each task's training data at its end.
-results.json reports the task-id accuracy and the class accuracy of both rules (``task_inference``).
+    means taken over each task's training data at its end;
+  * ``"prompt"`` (needs ``prompts=True``): DualPrompt's key matching, the trained task whose E-key is
+    most cosine-similar to the frozen CLS feature (per sample; DualPrompt's "batchwise" majority vote
+    over a test batch assumes single-task batches and is not used).
+With prompts, ``"entropy"`` superimposes the E-prompts with the same weights ``alpha`` as the masks.
+results.json reports the task-id accuracy and the class accuracy of every available rule
+(``task_inference``).
 """
 from __future__ import annotations
 
@@ -36,17 +54,47 @@ from clax import partition as P
 from clax.methods.base import Context, Method, TaskData
 from clax.methods.frozen import PRETRAIN_DEFAULTS, by_task, check_trained, frozen_backbone, mark_trained
 from clax.partition import CLState
-from clax.transforms import binary_mask, classifier, soft_mask
+from clax.transforms import binary_mask, classifier, prompt, soft_mask
 
 SOFT_TF_DEFAULTS = {"masked_blocks": 3, "mask_filter": "", "binary": False, "keep": 0.9,
                     "mask_precision": "int8", "label_smoothing": 0.1, "task_inference": "ncm",
+                    "prompts": False, "prompt_length": 5, "g_prompt_layers": [0, 1], "e_prompt_layers": [-3, -2, -1],
+                    "g_prompt_tasks": "first", "key_loss_weight": 1.0,
                     **{**PRETRAIN_DEFAULTS, "pretrain_steps": 300}}
-INFERENCE_RULES = ("ncm", "entropy")
+INFERENCE_RULES = ("ncm", "entropy", "prompt")  # "prompt" only with prompts=True
+G_PROMPT_TASKS = ("first", "all")
+
+
+def inference_rules(s: dict) -> tuple[str, ...]:
+    """The task-id inference rules available under settings ``s``."""
+    return tuple(r for r in INFERENCE_RULES if r != "prompt" or s["prompts"])
+
+
+def check_prompt_settings(s: dict) -> None:
+    """Raises ValueError naming a bad prompt setting (those that need no backbone)."""
+    if s["task_inference"] == "prompt" and not s["prompts"]:
+        raise ValueError("soft_tf.task_inference='prompt' (key matching) needs soft_tf.prompts=true")
+    if not s["prompts"]:
+        return
+    if int(s["prompt_length"]) < 1:
+        raise ValueError(f"soft_tf.prompt_length must be >= 1, got {s['prompt_length']}")
+    if not s["e_prompt_layers"]:
+        raise ValueError("soft_tf.e_prompt_layers must name at least one block (the E-prompts carry the task keys)")
+    if s["g_prompt_tasks"] not in G_PROMPT_TASKS:
+        raise ValueError(f"soft_tf.g_prompt_tasks must be one of {', '.join(G_PROMPT_TASKS)}, "
+                         f"got {s['g_prompt_tasks']!r}")
+    if not float(s["key_loss_weight"]) >= 0.0:
+        raise ValueError(f"soft_tf.key_loss_weight must be >= 0, got {s['key_loss_weight']}")
+
+
+def vit_depth(params) -> int:
+    """The number of ViT blocks (``blocks_0``, ``blocks_1``, ...) in ``params``."""
+    return sum(1 for k in params if str(k).startswith("blocks_"))
 
 
 def block_filter(params, n: int) -> str:
     """The regex selecting qkv, proj, fc1 and fc2 kernels of the last ``n`` ViT blocks of ``params``."""
-    depth = sum(1 for k in params if str(k).startswith("blocks_"))
+    depth = vit_depth(params)
     if depth == 0:
         raise ValueError("soft_tf.masked_blocks needs a ViT backbone (parameters blocks_0, blocks_1, ...); "
                          "set soft_tf.mask_filter for other backbones")
@@ -62,6 +110,7 @@ def soft_tf(ctx: Context, **settings) -> Method:
     if s["task_inference"] not in INFERENCE_RULES:
         raise ValueError(f"soft_tf.task_inference must be one of {', '.join(INFERENCE_RULES)}, "
                          f"got {s['task_inference']!r}")
+    check_prompt_settings(s)
     if s["mask_precision"] not in soft_mask.PRECISIONS:
         raise ValueError(f"soft_tf.mask_precision must be one of {', '.join(soft_mask.PRECISIONS)}, "
                          f"got {s['mask_precision']!r}")
@@ -73,6 +122,15 @@ def soft_tf(ctx: Context, **settings) -> Method:
     params, stats, pre_report = frozen_backbone(ctx, s)
     filt = s["mask_filter"] or block_filter(params, int(s["masked_blocks"]))
     soft_mask.select(params, filt)  # a filter that matches nothing is refused here, naming it
+    use_prompts = bool(s["prompts"])
+    g_layers = e_layers = ()
+    if use_prompts:
+        depth = vit_depth(params)
+        if depth == 0:
+            raise ValueError("soft_tf.prompts needs a ViT backbone (parameters blocks_0, blocks_1, ...)")
+        g_layers = prompt.resolve_layers("soft_tf.g_prompt_layers", s["g_prompt_layers"], depth)
+        e_layers = prompt.resolve_layers("soft_tf.e_prompt_layers", s["e_prompt_layers"], depth)
+        key_w = float(s["key_loss_weight"])
     out_mask = ctx.output_mask()                                     # [T, C]
     class_task = np.full(C, -1, np.int32)                            # CIL: the task of each class
     if cil:
@@ -91,21 +149,36 @@ def soft_tf(ctx: Context, **settings) -> Method:
         extra = {"trained": jnp.zeros((T,), bool)}
         if cil:
             extra["class_means"] = jnp.zeros((C, ctx.backbone.feature_dim), jnp.float32)
-        return CLState(frozen={"backbone": params}, shared={}, per_task={"mask": masks, "head": head},
+        shared, per_task = {}, {"mask": masks, "head": head}
+        if use_prompts:
+            pr = prompt.init(jax.random.fold_in(key, 1), T, ctx.backbone.feature_dim, int(s["prompt_length"]),
+                             g_layers, e_layers)
+            per_task.update(e_prompt=pr["e"], e_key=pr["key"])
+            if g_layers:
+                shared["g_prompt"] = pr["g"]
+        return CLState(frozen={"backbone": params}, shared=shared, per_task=per_task,
                        state={"backbone": stats}, extra=extra)
 
     def effective(m):
         """A task's masks as the forward pass uses them (binary: the top-``keep`` set, STE)."""
         return {k: binary_mask.top_fraction_ste(v, keep) for k, v in m.items()} if binary else m
 
-    def features(cl, masks_row, x):
-        f, _ = apply_bb(soft_mask.apply(cl.frozen["backbone"], masks_row), cl.state["backbone"], x, False)
+    def features(cl, masks_row, x, e_row=None):
+        """CLS features ``[B, dim]`` under one task's masks and (with prompts) E-prompts ``e_row``."""
+        kw = {}
+        if use_prompts:
+            kw["prompts"] = prompt.prefixes(cl.shared.get("g_prompt"), e_row, g_layers, e_layers)
+        f, _ = apply_bb(soft_mask.apply(cl.frozen["backbone"], masks_row), cl.state["backbone"], x, False, **kw)
         return f
+
+    def query(cl, x):
+        """The frozen backbone's CLS feature ``[B, dim]`` (no masks, no prompts): NCM's and the keys' query."""
+        return apply_bb(cl.frozen["backbone"], cl.state["backbone"], x, False)[0]
 
     def task_logits(cl, x, t):
         """Task ``t``'s logits ``[B, C]`` (t a scalar), other tasks' outputs masked."""
         pt = cl.per_task
-        f = features(cl, effective(soft_mask.row(pt["mask"], t)), x)
+        f = features(cl, effective(soft_mask.row(pt["mask"], t)), x, pt["e_prompt"][t] if use_prompts else None)
         logits = f @ pt["head"]["kernel"][t] + pt["head"]["bias"][t]
         return jnp.where(out_mask[t], logits, classifier.NEG)
 
@@ -114,11 +187,29 @@ def soft_tf(ctx: Context, **settings) -> Method:
         valid = out_mask[t].astype(jnp.float32)
         target = (1 - smooth) * jax.nn.one_hot(batch["y"], C) + smooth * valid / jnp.sum(valid)
         ce = jnp.mean(optax.softmax_cross_entropy(logits, target))
-        return ce, (cl.state, {"loss": ce, "ce": ce})
+        if not use_prompts:
+            return ce, (cl.state, {"loss": ce, "ce": ce})
+        pull = prompt.key_loss(query(cl, batch["x"]), cl.per_task["e_key"][t])
+        total = ce + key_w * pull
+        return total, (cl.state, {"loss": total, "ce": ce, "key_loss": pull})
+
+    def update_mask(cl, t):
+        """G-prompts (``shared``) move in the first task only; every per-task row moves freely."""
+        return {"shared": jax.tree.map(lambda a: jnp.broadcast_to(t == 0, a.shape), cl.shared),
+                "task": jax.tree.map(lambda a: jnp.ones(a.shape[1:], bool), cl.per_task)}
+
+    def begin_task(cl, data: TaskData):
+        if not use_prompts or data.t == 0:
+            return cl
+        e = cl.per_task["e_prompt"]  # the new task's E-prompt starts from the previous task's
+        return cl.replace(per_task={**cl.per_task, "e_prompt": e.at[data.t].set(e[data.t - 1])})
 
     # ----- task-id inference (CIL) -----
+    def infer_prompt(cl, x):
+        return prompt.match(query(cl, x), cl.per_task["e_key"], cl.extra["trained"])
+
     def infer_ncm(cl, x):
-        f, _ = apply_bb(cl.frozen["backbone"], cl.state["backbone"], x, False)
+        f = query(cl, x)
         f = f / (jnp.linalg.norm(f, axis=-1, keepdims=True) + 1e-8)
         mu = cl.extra["class_means"]
         mu = mu / (jnp.linalg.norm(mu, axis=-1, keepdims=True) + 1e-8)
@@ -136,7 +227,8 @@ def soft_tf(ctx: Context, **settings) -> Method:
         valid = jnp.any(out_mask & trained[:, None], axis=0)
 
         def entropy(alpha):
-            f = features(cl, soft_mask.superimpose(hard, alpha), x)
+            e = jnp.tensordot(alpha, pt["e_prompt"], axes=1) if use_prompts else None
+            f = features(cl, soft_mask.superimpose(hard, alpha), x, e)
             w = jnp.einsum("t,tdc,tc->dc", alpha, pt["head"]["kernel"], cols)
             b = jnp.einsum("t,tc,tc->c", alpha, pt["head"]["bias"], cols)
             logp = jax.nn.log_softmax(jnp.where(valid, f @ w + b, classifier.NEG))
@@ -145,8 +237,10 @@ def soft_tf(ctx: Context, **settings) -> Method:
         grad = jax.jacfwd(entropy)(alpha0)                                         # [B, T]
         return jnp.argmax(jnp.where(trained[None], -grad, -jnp.inf), axis=-1).astype(jnp.int32)
 
+    rules = {"ncm": infer_ncm, "entropy": infer_entropy, "prompt": infer_prompt}
+
     def infer(cl, x, rule):
-        return infer_ncm(cl, x) if rule == "ncm" else infer_entropy(cl, x)
+        return rules[rule](cl, x)
 
     def predict_with(cl, x, tid, rule):
         if tid is None:
@@ -160,9 +254,7 @@ def soft_tf(ctx: Context, **settings) -> Method:
     def predict(cl, x, tid):
         return predict_with(cl, x, tid, s["task_inference"])
 
-    @jax.jit
-    def frozen_features(cl, x):
-        return apply_bb(cl.frozen["backbone"], cl.state["backbone"], x, False)[0]
+    frozen_features = jax.jit(query)
 
     def end_task(cl, data: TaskData):
         t = data.t
@@ -191,12 +283,18 @@ def soft_tf(ctx: Context, **settings) -> Method:
         return stored - P.nbytes(P.task_row(cl.per_task["mask"], 0))
 
     def report(cl):
-        return {"pretrain": pre_report, "masked": sorted(cl.per_task["mask"])}
+        out = {"pretrain": pre_report, "masked": sorted(cl.per_task["mask"])}
+        if use_prompts:
+            out["prompts"] = {"length": int(s["prompt_length"]), "g_layers": list(g_layers),
+                              "e_layers": list(e_layers), "g_prompt_tasks": s["g_prompt_tasks"]}
+        return out
 
     def on_test_sets(cl, bench):
         return test_report(cl, bench, ctx, predict_with, infer, s)
 
-    return Method("soft_tf", init, loss, predict, end_task=end_task, task_bytes=task_bytes, report=report,
+    g_frozen_later = use_prompts and bool(g_layers) and s["g_prompt_tasks"] == "first"
+    return Method("soft_tf", init, loss, predict, begin_task=begin_task, end_task=end_task,
+                  update_mask=update_mask if g_frozen_later else None, task_bytes=task_bytes, report=report,
                   test_report=on_test_sets)
 
 
@@ -205,7 +303,7 @@ def test_report(cl: CLState, bench, ctx: Context, predict_with, infer, s: dict) 
     accuracy of each inference rule; in both scenarios the accuracy with masks rounded to each
     precision (to choose ``mask_precision``; meaningful on a run with ``mask_precision=float32``)."""
     out: dict = {}
-    rules = INFERENCE_RULES if ctx.scenario == "cil" else ()
+    rules = inference_rules(s) if ctx.scenario == "cil" else ()
     tasks = [(jnp.asarray(t.x_test), t.targets(t.y_test, ctx.scenario),
               jnp.full((len(t.y_test),), t.task_id, jnp.int32)) for t in bench.tasks]
     n = sum(len(y) for _, y, _ in tasks)

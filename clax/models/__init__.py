@@ -29,7 +29,8 @@ class Backbone(NamedTuple):
       feature_dim: width of the returned features.
       view: which data view it consumes, ``"flat"`` or ``"image"``.
       init: ``key -> (params, batch_stats)``.
-      apply: ``(params, batch_stats, x, train) -> (features [B, feature_dim], new_batch_stats)``.
+      apply: ``(params, batch_stats, x, train, **kwargs) -> (features [B, feature_dim], new_batch_stats)``;
+        keyword arguments go to the module's call (the ViT's ``prompts``).
     """
 
     name: str
@@ -50,14 +51,14 @@ def from_module(name: str, module: nn.Module, input_shape, view: str) -> Backbon
         variables = module.init(key, dummy, train=False)
         return variables["params"], variables.get("batch_stats", {})
 
-    def apply(params, batch_stats, x, train: bool = False):
+    def apply(params, batch_stats, x, train: bool = False, **kwargs):
         variables = {"params": params}
         if batch_stats:
             variables["batch_stats"] = batch_stats
         if train and batch_stats:
-            feats, new = module.apply(variables, x, train=True, mutable=["batch_stats"])
+            feats, new = module.apply(variables, x, train=True, mutable=["batch_stats"], **kwargs)
             return feats, new["batch_stats"]
-        return module.apply(variables, x, train=False), batch_stats
+        return module.apply(variables, x, train=False, **kwargs), batch_stats
 
     feature_dim = jax.eval_shape(lambda k: module.init_with_output(k, dummy, train=False)[0],
                                  jax.random.PRNGKey(0)).shape[-1]

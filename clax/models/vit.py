@@ -3,6 +3,11 @@
 Blocks are ``blocks_{i}`` with ``norm1``, ``attn/qkv`` (one fused Dense), ``attn/proj``, ``norm2``,
 ``mlp/fc1`` and ``mlp/fc2``: the four projections that Soft-TF masks. ViT-B/16 is
 ``ViT(patch=16, dim=768, depth=12, heads=12)``; tests use tiny shapes.
+
+Prefix-tuning (DualPrompt's prompts, :mod:`clax.transforms.prompt`): ``ViT(x, prompts={i: prefix})``
+prepends ``prefix [B or 1, 2, L, dim]`` (key-prefix, then value-prefix) to the keys and values of block
+``i``'s attention; queries and the token sequence are unchanged. Without ``prompts`` the computation
+is exactly the prompt-free one.
 """
 from __future__ import annotations
 
@@ -15,11 +20,20 @@ class Attention(nn.Module):
     heads: int
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, prefix=None):
+        """Self-attention of ``x [B, N, dim]``; ``prefix [B or 1, 2, L, dim]`` (keys, values) is split
+        into heads like ``k`` and ``v`` and prepended to them, so each query attends over ``L + N``."""
         b, n, d = x.shape
         hd = d // self.heads
         qkv = nn.Dense(3 * d, name="qkv")(x).reshape(b, n, 3, self.heads, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if prefix is not None:
+            if prefix.ndim != 4 or prefix.shape[1] != 2 or prefix.shape[3] != d or prefix.shape[0] not in (1, b):
+                raise ValueError(f"attention prefix must be [{b} or 1, 2, length, {d}], got {prefix.shape}")
+            pre = jnp.broadcast_to(prefix, (b,) + prefix.shape[1:]).astype(k.dtype)
+            pre = pre.reshape(b, 2, prefix.shape[2], self.heads, hd)
+            k = jnp.concatenate([pre[:, 0], k], axis=1)
+            v = jnp.concatenate([pre[:, 1], v], axis=1)
         att = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(hd).astype(x.dtype)
         att = nn.softmax(att, axis=-1)
         out = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, n, d)
@@ -51,8 +65,8 @@ class Block(nn.Module):
     act: str = "gelu"
 
     @nn.compact
-    def __call__(self, x):
-        x = x + Attention(self.dim, self.heads, name="attn")(nn.LayerNorm(self.eps, name="norm1")(x))
+    def __call__(self, x, prefix=None):
+        x = x + Attention(self.dim, self.heads, name="attn")(nn.LayerNorm(self.eps, name="norm1")(x), prefix)
         mlp = Mlp(int(self.dim * self.mlp_ratio), self.dim, self.act, name="mlp")
         return x + mlp(nn.LayerNorm(self.eps, name="norm2")(x))
 
@@ -75,7 +89,9 @@ class ViT(nn.Module):
     patch_bias: bool = True
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, prompts=None):
+        """CLS feature ``[B, dim]`` of images ``x [B, H, W, C]``; ``prompts``: optional
+        ``{block index: prefix [B or 1, 2, L, dim]}`` for prefix-tuning (see the module docstring)."""
         if self.dim % self.heads:
             raise ValueError(f"vit: dim={self.dim} is not divisible by heads={self.heads}")
         b, h, w, _ = x.shape
@@ -90,6 +106,10 @@ class ViT(nn.Module):
         x = x + pos
         if self.ln_pre:
             x = nn.LayerNorm(self.eps, name="norm_pre")(x)
+        prompts = prompts or {}
+        bad = sorted(set(prompts) - set(range(self.depth)))
+        if bad:
+            raise ValueError(f"vit: prompts for block {bad[0]}, but the ViT has blocks 0..{self.depth - 1}")
         for i in range(self.depth):
-            x = Block(self.dim, self.heads, self.mlp_ratio, self.eps, self.act, name=f"blocks_{i}")(x)
+            x = Block(self.dim, self.heads, self.mlp_ratio, self.eps, self.act, name=f"blocks_{i}")(x, prompts.get(i))
         return nn.LayerNorm(self.eps, name="norm")(x)[:, 0]

@@ -1,0 +1,98 @@
+"""DualPrompt's prefix prompts and prompt keys (Wang et al. 2022), as Soft-TF's authors use them.
+
+Prefix-tuning: at a chosen ViT block a prompt ``[2, L, dim]`` — a key-prefix and a value-prefix — is
+prepended to that block's attention keys and values (not to the queries, not to the token sequence;
+:class:`clax.models.vit.Attention`).
+
+* G-prompts (general): one prompt per block of ``g_layers``, shared by all tasks: ``[G, 2, L, dim]``.
+* E-prompts (expert): one prompt per task and block of ``e_layers``: ``[T, E, 2, L, dim]``, and one
+  learnable key per task ``[T, dim]``. A task's key is pulled towards the query — the frozen model's
+  CLS feature — of its training images (:func:`key_loss`); at test time without a task id the task is
+  the trained one whose key is most cosine-similar to the query (:func:`match`).
+
+Prompts and keys start uniform in ``[-1, 1]`` (DualPrompt's ``uniform`` initialiser). Where a block is
+in both ``g_layers`` and ``e_layers`` its prefix is the G-prompt followed by the E-prompt (length
+``2L``). Layer indices may be negative, counting from the last block (:func:`resolve_layers`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def resolve_layers(name: str, layers: Sequence[int], depth: int) -> tuple[int, ...]:
+    """``layers`` as block indices in ``0..depth-1`` (negative ones count from the end, as in Python).
+
+    Raises:
+      ValueError: naming the setting ``name`` and the depth, for an index outside the blocks or a repeat.
+    """
+    out = []
+    for i in layers:
+        j = int(i) + depth if int(i) < 0 else int(i)
+        if not 0 <= j < depth:
+            raise ValueError(f"{name}={list(layers)}: layer {i} does not exist in a backbone of depth {depth} "
+                             f"(blocks 0..{depth - 1}, or -{depth}..-1 from the end)")
+        if j in out:
+            raise ValueError(f"{name}={list(layers)}: layer {i} is given twice (depth {depth})")
+        out.append(j)
+    return tuple(out)
+
+
+def init(key: jax.Array, num_tasks: int, dim: int, length: int, g_layers: Sequence[int],
+         e_layers: Sequence[int]) -> dict[str, jax.Array]:
+    """Prompts and keys, uniform in ``[-1, 1]``.
+
+    Returns:
+      ``{"g": [G, 2, L, dim], "e": [T, E, 2, L, dim], "key": [T, dim]}`` with ``G = len(g_layers)``,
+      ``E = len(e_layers)``, ``L = length``, ``T = num_tasks``.
+    """
+    kg, ke, kk = jax.random.split(key, 3)
+    u = lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -1.0, 1.0)  # noqa: E731
+    return {"g": u(kg, (len(g_layers), 2, length, dim)),
+            "e": u(ke, (num_tasks, len(e_layers), 2, length, dim)),
+            "key": u(kk, (num_tasks, dim))}
+
+
+def prefixes(g: jax.Array, e_row: jax.Array, g_layers: Sequence[int],
+             e_layers: Sequence[int]) -> dict[int, jax.Array]:
+    """The attention prefixes of one task: ``{block: [1, 2, L', dim]}`` for the ViT's ``prompts``.
+
+    Args:
+      g: G-prompts ``[G, 2, L, dim]``, in the order of ``g_layers``.
+      e_row: one task's E-prompts ``[E, 2, L, dim]`` (or a superposition of several tasks'), in the
+        order of ``e_layers``.
+      g_layers, e_layers: resolved block indices (:func:`resolve_layers`).
+
+    Returns:
+      One prefix per block in either list; ``L' = 2L`` where a block has both (G first).
+    """
+    out: dict[int, jax.Array] = {}
+    for prompts, layers in ((g, g_layers), (e_row, e_layers)):
+        for i, layer in enumerate(layers):
+            p = prompts[i][None]
+            out[layer] = jnp.concatenate([out[layer], p], axis=2) if layer in out else p
+    return out
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+
+def cosine(query: jax.Array, keys: jax.Array) -> jax.Array:
+    """Cosine similarity ``[B, T]`` of queries ``[B, dim]`` and keys ``[T, dim]``."""
+    return _normalize(query) @ _normalize(keys).T
+
+
+def match(query: jax.Array, keys: jax.Array, trained: jax.Array) -> jax.Array:
+    """Task ids ``[B]`` (int32): per query ``[B, dim]``, the trained task (``trained [T]`` bool) whose
+    key ``[T, dim]`` is most cosine-similar."""
+    sim = jnp.where(trained[None], cosine(query, keys), -jnp.inf)
+    return jnp.argmax(sim, axis=-1).astype(jnp.int32)
+
+
+def key_loss(query: jax.Array, key_t: jax.Array) -> jax.Array:
+    """DualPrompt's pull constraint as a loss: the mean over the batch of ``1 - cos(query_b, key_t)``
+    for queries ``[B, dim]`` and one task's key ``[dim]`` (a scalar)."""
+    return jnp.mean(1.0 - cosine(query, key_t[None])[:, 0])
