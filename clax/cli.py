@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -168,6 +168,7 @@ def guarded(fn: Callable[..., int], *args) -> int:
     except KeyboardInterrupt:
         print("clax: interrupted", file=sys.stderr)
         return 130
+
 
 if __name__ == "__main__":
     sys.exit(main())

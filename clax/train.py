@@ -131,29 +131,31 @@ def set_lr(opt_state, lr: float):
     return opt_state._replace(hyperparams=hp)
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     """The optax optimizer described by ``cfg``.
 
     With a ``lr_schedule`` other than ``constant`` the learning rate lives in the optimizer state
     (``optax.inject_hyperparams``) and :func:`fit` sets it at the start of every epoch (:func:`lr_at`).
     """
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+
     def build(learning_rate):
         if cfg.optimizer == "adam":
             tx = optax.adam(learning_rate) if not cfg.weight_decay else optax.chain(
                 optax.add_decayed_weights(cfg.weight_decay), optax.adam(learning_rate))
         elif cfg.optimizer == "adamw":
             tx = optax.adamw(learning_rate, weight_decay=cfg.weight_decay)
-        elif cfg.optimizer == "sgd":
+        else:  # sgd
             tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                              optax.sgd(learning_rate, cfg.momentum or None))
-        else:
-            raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: adam, adamw, sgd")
         return optax.chain(optax.clip_by_global_norm(cfg.clip), tx) if cfg.clip else tx
 
-    lr_at(cfg, 0)  # validates the schedule
-    if cfg.lr_schedule == "constant":
+    if cfg.lr_schedule == "constant":  # (TrainConfig has validated the schedule)
         return build(cfg.lr)
-    build(cfg.lr)  # validates the optimizer name before optax wraps it
     return optax.inject_hyperparams(build)(learning_rate=cfg.lr)
 
 
