@@ -3,19 +3,44 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clax.transforms.binary_mask import check_fraction, pack, packed_nbytes, top_fraction, top_fraction_ste, unpack
+from clax.transforms.binary_mask import check_fraction, kept_count, pack, packed_nbytes, top_fraction, top_fraction_ste, unpack
 
 
-def test_top_fraction_keeps_exactly_the_largest_magnitudes():
+def test_top_fraction_keeps_the_largest_magnitudes_by_the_authors_count():
+    # 6 scores at c = 0.5: WSN's percentile takes the k-th smallest |s| with k = 1 + round(0.5 * 5) = 3
+    # (0.2) and keeps every |s| >= 0.2, i.e. 4 of 6 (round(c * n) would keep 3)
     s = jnp.array([[0.1, -3.0, 0.5], [2.0, -0.2, 0.0]])
     m = top_fraction(s, 0.5)
-    assert m.tolist() == [[0, 1, 1], [1, 0, 0]]
+    assert m.tolist() == [[0, 1, 1], [1, 1, 0]]
 
 
-def test_straight_through_gradient_is_identity_to_the_scores():
-    s = jnp.array([0.3, -1.0, 2.0, 0.1])
-    g = jax.grad(lambda s: jnp.sum(top_fraction_ste(s, 0.5) * jnp.array([1.0, 2.0, 3.0, 4.0])))(s)
-    np.testing.assert_array_equal(g, [1.0, 2.0, 3.0, 4.0])
+def _authors_rule(scores, c):
+    """WSN's GetSubnetFaster over percentile(|s|, 100 * (1 - c)), written from their formula."""
+    a = np.abs(np.asarray(scores, np.float64)).ravel()
+    k = 1 + round(0.01 * (100 * (1 - c)) * (a.size - 1))
+    kth = np.sort(a)[k - 1]
+    return (np.abs(np.asarray(scores)) >= kth).astype(np.float32)
+
+
+@pytest.mark.parametrize("c", [0.1, 0.3, 0.5, 0.9])
+def test_top_fraction_equals_the_authors_percentile_rule_ties_included(c):
+    rng = np.random.default_rng(1)
+    for shape in [(7,), (13, 5), (3, 3, 4, 6)]:
+        s = rng.normal(size=shape).astype(np.float32)
+        np.testing.assert_array_equal(top_fraction(jnp.asarray(s), c), _authors_rule(s, c))
+        ties = rng.integers(-3, 4, size=shape).astype(np.float32)  # many ties at the threshold: all kept
+        np.testing.assert_array_equal(top_fraction(jnp.asarray(ties), c), _authors_rule(ties, c))
+    assert kept_count(4096, 0.5) == 2048 and kept_count(6, 0.5) == 4
+
+
+def test_straight_through_gradient_passes_through_the_absolute_value():
+    # the authors' backward returns g to |s|: dL/ds = g * sign(s), so a negative score whose weight helps
+    # (g > 0 on the mask) is pushed away from zero, further into the mask
+    s = jnp.array([0.3, -1.0, 2.0, -0.1])
+    g_out = jnp.array([1.0, 2.0, 3.0, 4.0])
+    g = jax.grad(lambda s: jnp.sum(top_fraction_ste(s, 0.5) * g_out))(s)
+    np.testing.assert_array_equal(g, [1.0, -2.0, 3.0, -4.0])
+    np.testing.assert_array_equal(top_fraction_ste(s, 0.5), [0.0, 1.0, 1.0, 0.0])
 
 
 def test_pack_round_trips_one_bit_per_entry():
@@ -27,5 +52,5 @@ def test_pack_round_trips_one_bit_per_entry():
 
 @pytest.mark.parametrize("c", [0.0, 1.0, -0.1, 1.5])
 def test_fractions_outside_the_open_unit_interval_are_refused_by_name(c):
-    with pytest.raises(ValueError, match="wsn.sparsity must be in \\(0, 1\\)"):
-        check_fraction("wsn.sparsity", c)
+    with pytest.raises(ValueError, match="wsn.c must be in \\(0, 1\\)"):
+        check_fraction("wsn.c", c)

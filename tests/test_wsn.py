@@ -6,8 +6,7 @@ import pytest
 
 from isolation import SMALL, assert_capacity, assert_isolation, isolation_run
 from clax.methods import get_method
-from clax.partition import task_row
-from clax.transforms import binary_mask
+from clax.transforms import binary_mask, classifier, consolidation
 
 
 @pytest.fixture(scope="module", params=["split-digits", "permuted-digits"])
@@ -22,42 +21,77 @@ def test_zero_forgetting_and_frozen_union(out):
 def test_learns_and_reports_capacity(out):
     assert np.all(np.diag(out["accuracy_matrix"]) > 0.65), np.diag(out["accuracy_matrix"])
     assert_capacity(out)
-    # every task keeps exactly the top 50% of each layer
+    # every task keeps exactly the top 50% of each layer (4096 weights a layer: 2048 by the authors' rule)
     np.testing.assert_allclose(out["report"]["mask_density"], 0.5, atol=1e-6)
+    # scores carry over, so later tasks reuse earlier tasks' weights: the union grows far slower than
+    # independent masks would make it (1 - 0.5^3 = 0.875 after 3 tasks)
+    assert out["report"]["capacity_used"][-1] < 0.8, out["report"]["capacity_used"]
 
 
-def test_stored_masks_are_the_bitpacked_top_c_of_the_scores(out):
+def test_one_live_score_tensor_carried_over_from_task_to_task(out):
+    """The authors keep one score tensor per layer; task t starts from task t-1's final scores, so task
+    t-1's stored mask is the top-c of the scores task t starts from."""
     cl, meth = out["state"].cl, out["method"]
-    row = np.asarray(cl.extra["packed"][1])
+    assert "scores" in cl.shared and "scores" not in cl.per_task
+    for leaf, w in zip(jax.tree.leaves(cl.shared["scores"]), jax.tree.leaves(cl.shared["weights"])):
+        assert leaf.shape == w.shape  # one tensor, no task axis
+    last = out["bench"].tasks[-1].task_id
+    row = np.asarray(cl.extra["packed"][last])
     offset = 0
-    for sc in jax.tree.leaves(task_row(cl.per_task["scores"], 1)):
+    for sc in jax.tree.leaves(cl.shared["scores"]):
         n = binary_mask.packed_nbytes(sc.shape)
         want = np.asarray(binary_mask.top_fraction(sc, 0.5)) > 0
         np.testing.assert_array_equal(binary_mask.unpack(row[offset:offset + n], sc.shape), want)
         offset += n
+    # only the bit-packed mask is stored beyond the per-task rows (head, biases): no float scores per task
     assert meth.task_bytes(cl, 0) == offset == row.size
+    per_task_row = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cl.per_task)) // len(out["snapshots"])
+    assert out["params"]["bytes_per_task"][0] == per_task_row + row.size
 
 
-def test_scores_get_a_straight_through_gradient(out):
+def test_scores_start_like_the_authors_kaiming_uniform():
+    from clax.methods.wsn import init_scores
+
+    w = {"conv": jnp.zeros((3, 3, 16, 32)), "dense": jnp.zeros((400, 10))}
+    sc = init_scores(jax.random.PRNGKey(0), w)
+    for name, fan_in in (("conv", 3 * 3 * 16), ("dense", 400)):
+        a = np.asarray(sc[name])
+        bound = 1 / np.sqrt(fan_in)
+        assert np.abs(a).max() <= bound and np.abs(a).max() > 0.95 * bound
+        assert abs(a.std() - bound / np.sqrt(3)) < 0.05 * bound
+
+
+def test_scores_get_the_straight_through_gradient_through_their_absolute_value(out):
     meth = out["method"]
     cl = out["state"].cl
     x = jnp.asarray(out["bench"].tasks[0].x_train[:8])
     batch = {"x": x, "y": jnp.zeros(8, jnp.int32), "tid": jnp.zeros(8, jnp.int32)}
 
     def f(scores):
-        pt = {**cl.per_task, "scores": scores}
-        return meth.loss(cl.replace(per_task=pt), batch, jax.random.PRNGKey(0), 0)[0]
+        return meth.loss(cl.replace(shared={**cl.shared, "scores": scores}), batch, jax.random.PRNGKey(0), 0)[0]
 
-    g = jax.grad(f)(cl.per_task["scores"])
-    leaf = jax.tree.leaves(g)[0]
-    assert float(jnp.abs(leaf[0]).sum()) > 0  # task 0's row receives a gradient through the mask
-    assert float(jnp.abs(leaf[1]).sum()) == 0
+    def h(m):  # the same loss as a function of the hard mask itself: W * m
+        w_eff = consolidation.apply_masks(cl.shared["weights"], m)
+        logits, _ = consolidation.forward(cl, out["ctx"], w_eff, x, 0, batch["tid"], train=True)
+        return classifier.cross_entropy(logits, batch["y"])
+
+    g_scores = jax.grad(f)(cl.shared["scores"])
+    hard = jax.tree.map(lambda sc: binary_mask.top_fraction(sc, 0.5), cl.shared["scores"])
+    g_mask = jax.grad(h)(hard)
+    for gs, gm, sc in zip(jax.tree.leaves(g_scores), jax.tree.leaves(g_mask), jax.tree.leaves(cl.shared["scores"])):
+        assert float(jnp.abs(gs).sum()) > 0
+        np.testing.assert_allclose(gs, gm * jnp.sign(sc), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5])
-def test_sparsity_outside_0_1_is_refused_with_its_name(out, bad):
-    with pytest.raises(ValueError, match="wsn.sparsity"):
-        get_method("wsn", out["ctx"], sparsity=bad)
+def test_c_outside_0_1_is_refused_with_its_name(out, bad):
+    with pytest.raises(ValueError, match="wsn.c"):
+        get_method("wsn", out["ctx"], c=bad)
+
+
+def test_the_ambiguous_sparsity_setting_is_gone(out):
+    with pytest.raises(ValueError, match="no setting 'sparsity'"):
+        get_method("wsn", out["ctx"], sparsity=0.5)
 
 
 def test_layer_filter_matching_nothing_is_refused_with_its_name(out):
@@ -76,7 +110,7 @@ def test_experiment_config_runs_at_tiny_scale_with_zero_forgetting():
     from clax.config import apply_overrides
 
     cfg = wsn_cifar100.get_config()
-    assert cfg["backbone"] == {"name": "resnet18", "nf": 64, "stem": "cifar"} and cfg["wsn"]["sparsity"] == 0.5
+    assert cfg["backbone"] == {"name": "resnet18", "nf": 64, "stem": "cifar"} and cfg["wsn"]["c"] == 0.5
     cfg = apply_overrides({**cfg, "benchmark": "split-digits"},
                           ["backbone.name=mlp", "backbone.hidden=[32,32]", "train.epochs=1"])
     out = isolation_run("wsn", cfg=cfg, num_tasks=2)

@@ -14,6 +14,12 @@ Composition: :mod:`clax.transforms.consolidation` (masked backbone, union of tas
 * After task ``t`` the mask ``logD - log(mu^2) < 0`` of row ``t`` joins the consolidated union
   (weights frozen there). Test time for task ``t``: ``W * zscale_t * mask_t``,
   ``zscale = mu + exp(logD / 2)`` (the authors' deterministic ``reparameterize``).
+* BatchNorm (``bn``): training collects running statistics of the noisy, unpruned ``W * z``, which the
+  test network ``W * zscale * mask`` does not share. By default (``"refresh"``) task ``t``'s statistics
+  are re-estimated at the end of the task with its test-time weights
+  (:func:`clax.transforms.consolidation.refresh_task`); ``"batch"`` is the authors' choice (their
+  BatchNorm has ``track_running_stats=False``: test batches are normalised with their own statistics);
+  ``"running"`` keeps the training statistics (the mismatch, for comparison).
 * ``vb_lr_mult``: the variational parameters are stored divided by this factor, so that an optimizer
   step moves them ``vb_lr_mult`` times further (a learning-rate multiplier that also works with Adam).
   The default, 50, suits the short split-digits runs (~90 steps a task: at the paper's 1 the
@@ -29,18 +35,19 @@ import numpy as np
 
 from clax import partition as P
 from clax.methods.base import Context, Method, TaskData
-from clax.transforms import classifier, consolidation
+from clax.transforms import batchnorm, classifier, consolidation
 from clax.transforms import variational_mask as vm
 
 IBM_DEFAULTS = {
     "kl_fac": 1e-3, "kl_per_sample": True, "svd": True, "svd_every": 50, "svd_var": 0.97,
     "svd_samples": 256, "init_mu": 1.0, "init_logD": -10.0, "init_std": 0.01, "threshold": 0.0,
-    "vb_lr_mult": 50.0, "layers": r"kernel$",
+    "vb_lr_mult": 50.0, "layers": r"kernel$", "bn": "refresh",
 }
 
 
 def ibm(ctx: Context, **settings) -> Method:
-    """IBM with the settings of ``IBM_DEFAULTS`` (see the module docstring)."""
+    """IBM with the settings of ``IBM_DEFAULTS`` (see the module docstring; ``bn``: refresh | batch |
+    running)."""
     s = {**IBM_DEFAULTS, **settings}
     if s["kl_fac"] < 0:
         raise ValueError(f"ibm.kl_fac must be >= 0, got {s['kl_fac']}")
@@ -50,7 +57,9 @@ def ibm(ctx: Context, **settings) -> Method:
         raise ValueError(f"ibm.svd_every must be >= 1, got {s['svd_every']}")
     if float(s["vb_lr_mult"]) <= 0:
         raise ValueError(f"ibm.vb_lr_mult must be > 0, got {s['vb_lr_mult']}")
+    bn = consolidation.check_bn("ibm.bn", s["bn"])
     T, scale = ctx.num_tasks, float(s["vb_lr_mult"])
+    refresh = batchnorm.make_refresh(ctx.backbone.apply)
 
     def fresh(key, weights):
         return vm.init(key, weights, s["init_mu"], s["init_logD"], s["init_std"])
@@ -91,7 +100,7 @@ def ibm(ctx: Context, **settings) -> Method:
 
     def predict(cl, x, tid):
         t = consolidation.batch_task(tid)
-        return consolidation.forward(cl, ctx, test_weights(cl, t), x, t, tid, train=False)[0]
+        return consolidation.forward(cl, ctx, test_weights(cl, t), x, t, tid, train=False, bn=bn)[0]
 
     def begin_task(cl, data: TaskData):
         if data.t == 0:
@@ -140,7 +149,11 @@ def ibm(ctx: Context, **settings) -> Method:
 
     def end_task(cl, data: TaskData):
         cons = consolidation.consolidate(cl.extra["consolidated"], task_mask(cl, data.t))
-        return cl.replace(extra={**cl.extra, "consolidated": cons})
+        cl = cl.replace(extra={**cl.extra, "consolidated": cons})
+        if bn == "refresh":
+            cl = consolidation.refresh_task(cl, ctx, refresh, test_weights(cl, data.t), data.t, data.x,
+                                            data.batch_size)
+        return cl
 
     def report(cl):
         return consolidation.capacity_report([task_mask(cl, t) for t in range(T)])

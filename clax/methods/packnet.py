@@ -6,6 +6,12 @@ of task ``t`` is ``W * [1 <= owner <= t + 1]`` (its own weights and all earlier 
 After ``prune_after`` epochs (or at the end of the task, whichever comes first) the ``prune``
 fraction of task ``t``'s own weights with the smallest magnitude is released (owner 0, value 0) and
 the remaining epochs retrain the survivors. Only weights owned by the current task are updated.
+
+BatchNorm (``bn``): when pruning comes after the last epoch (``prune_after >= epochs``) no retraining
+adapts the running statistics to the pruned network, and retraining adapts them only partly (a moving
+average). By default (``"refresh"``) task ``t``'s statistics are re-estimated at the end of the task
+with its final network (:func:`clax.transforms.consolidation.refresh_task`); ``"batch"`` uses each test
+batch's statistics, ``"running"`` the training ones.
 """
 from __future__ import annotations
 
@@ -14,19 +20,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from clax.methods.base import Context, Method, TaskData
-from clax.transforms import binary_mask, classifier, consolidation
+from clax.transforms import batchnorm, binary_mask, classifier, consolidation
 
-PACKNET_DEFAULTS = {"prune": 0.5, "prune_after": 7, "layers": r"kernel$"}
+PACKNET_DEFAULTS = {"prune": 0.5, "prune_after": 7, "layers": r"kernel$", "bn": "refresh"}
 
 
 def packnet(ctx: Context, **settings) -> Method:
     """PackNet with settings ``prune`` (fraction of a task's weights released, in (0, 1)),
-    ``prune_after`` (epochs before pruning; the rest retrain) and ``layers`` (masked weights' regex)."""
+    ``prune_after`` (epochs before pruning; the rest retrain), ``layers`` (masked weights' regex) and
+    ``bn`` (test-time BatchNorm statistics: refresh | batch | running)."""
     s = {**PACKNET_DEFAULTS, **settings}
     prune = binary_mask.check_fraction("packnet.prune", s["prune"])
     if int(s["prune_after"]) < 1:
         raise ValueError(f"packnet.prune_after must be >= 1 epoch, got {s['prune_after']}")
+    bn = consolidation.check_bn("packnet.bn", s["bn"])
     T = ctx.num_tasks
+    refresh = batchnorm.make_refresh(ctx.backbone.apply)
 
     def init(key):
         cl = consolidation.init(key, ctx, s["layers"])
@@ -46,7 +55,7 @@ def packnet(ctx: Context, **settings) -> Method:
     def predict(cl, x, tid):
         t = consolidation.batch_task(tid)
         w_eff = consolidation.apply_masks(cl.shared["weights"], task_mask(cl, t))
-        return consolidation.forward(cl, ctx, w_eff, x, t, tid, train=False)[0]
+        return consolidation.forward(cl, ctx, w_eff, x, t, tid, train=False, bn=bn)[0]
 
     def update_mask(cl, t):
         base = consolidation.update_mask(cl, t)
@@ -88,7 +97,11 @@ def packnet(ctx: Context, **settings) -> Method:
         if not bool(cl.extra["pruned"][data.t]):
             cl = do_prune(cl, data.t)
         cons = jax.tree.map(lambda o: o >= 1, cl.extra["owner"])
-        return cl.replace(extra={**cl.extra, "consolidated": cons})
+        cl = cl.replace(extra={**cl.extra, "consolidated": cons})
+        if bn == "refresh":
+            w_eff = consolidation.apply_masks(cl.shared["weights"], task_mask(cl, data.t))
+            cl = consolidation.refresh_task(cl, ctx, refresh, w_eff, data.t, data.x, data.batch_size)
+        return cl
 
     def report(cl):
         return consolidation.capacity_report([task_mask(cl, t) for t in range(T)])

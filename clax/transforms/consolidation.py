@@ -10,6 +10,13 @@ Layout of the :class:`~clax.partition.CLState` that :func:`init` builds:
   per task, and ``per_task["head"]``: one linear head per task (TIL).
 * ``state["backbone"]``: BatchNorm statistics with a leading task axis; task ``t`` reads and writes
   row ``t`` only, so an old task's statistics never move (exact zero forgetting with BatchNorm).
+  The network a task is tested with is not the one it trained with (IBM trains with noisy, unpruned
+  weights; PackNet prunes), so the setting ``bn`` (:data:`BN_MODES`) decides which statistics the test
+  uses: ``"refresh"`` (clax's default) re-estimates row ``t`` at the end of task ``t`` with the task's
+  test-time weights (:func:`refresh_task`, :mod:`clax.transforms.batchnorm`); ``"batch"`` normalises
+  with each test batch's own statistics, as the authors' code of WSN and IBM does
+  (``BatchNorm2d(track_running_stats=False)``; the padded last evaluation batch then counts its padding);
+  ``"running"`` keeps the running averages collected in training.
 * ``extra["consolidated"]``: bool tree over ``W``, the union of the masks of finished tasks. Through
   :func:`update_mask` the trainer zeroes the gradient and the optimizer's update (Adam moments and
   weight decay included, since the update is zeroed after the optimizer) at those positions.
@@ -36,6 +43,14 @@ if TYPE_CHECKING:
 
 PyTree = Any
 DEFAULT_LAYERS = r"kernel$"
+BN_MODES = ("refresh", "batch", "running")
+
+
+def check_bn(name: str, mode: str) -> str:
+    """Validates a ``bn`` setting (one of :data:`BN_MODES`), naming the setting ``name``."""
+    if mode not in BN_MODES:
+        raise ValueError(f"{name} must be one of {', '.join(BN_MODES)}, got {mode!r}")
+    return mode
 
 
 def split_weights(params: PyTree, layers: str) -> tuple[PyTree, PyTree]:
@@ -81,20 +96,33 @@ def apply_masks(weights: PyTree, masks: PyTree) -> PyTree:
     return jax.tree.map(lambda w, m: w * m.astype(w.dtype), weights, masks)
 
 
-def forward(cl: CLState, ctx: Context, w_eff: PyTree, x, t, tid, train: bool):
+def forward(cl: CLState, ctx: Context, w_eff: PyTree, x, t, tid, train: bool, bn: str = "refresh"):
     """Logits ``[B, C]`` and the new ``cl.state`` of the backbone with masked weights ``w_eff``.
 
     ``t`` (scalar, may be traced) selects the per-task rest row and BatchNorm row; ``tid [B]`` selects
     each sample's head. Only BatchNorm row ``t`` of the returned state differs from ``cl.state``.
+    With ``train=False`` and ``bn="batch"`` the batch's own statistics normalise it (the stored ones
+    are neither used nor changed).
     """
     rest = P.task_row(cl.per_task["rest"], t)
     params = P.merge(w_eff, rest)
     stats = P.task_row(cl.state["backbone"], t)
-    f, new_stats = ctx.backbone.apply(params, stats, x, train)
+    f, new_stats = ctx.backbone.apply(params, stats, x, train or bn == "batch")
     out = classifier.head_logits(cl.per_task["head"], f, tid)
     logits = jnp.where(ctx.output_mask()[tid], out, classifier.NEG)
     state = {**cl.state, "backbone": P.set_task_row(cl.state["backbone"], t, new_stats)} if train else cl.state
     return logits, state
+
+
+def refresh_task(cl: CLState, ctx: Context, refresh, w_eff: PyTree, t: int, x, batch_size: int) -> CLState:
+    """``cl`` with task ``t``'s BatchNorm row re-estimated for the network ``w_eff`` (the task's test-time
+    masked weights) on the task's training inputs ``x``; ``refresh`` is a
+    :func:`clax.transforms.batchnorm.make_refresh` of the backbone. No other row changes."""
+    if not jax.tree.leaves(cl.state["backbone"]):
+        return cl
+    params = P.merge(w_eff, P.task_row(cl.per_task["rest"], t))
+    new = refresh(params, P.task_row(cl.state["backbone"], t), x, batch_size)
+    return cl.replace(state={**cl.state, "backbone": P.set_task_row(cl.state["backbone"], t, new)})
 
 
 def batch_task(tid) -> jax.Array:
