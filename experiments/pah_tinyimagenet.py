@@ -1,13 +1,13 @@
 """PAH on split-tinyimagenet (De La Fuente et al., arXiv 2505.07450, Table 1 (TinyImageNet column)): reduced ResNet-18 (nf=20, CIFAR
-stem) trained with the heads generated from 10x10x1 semantic prototypes by a bias-free LeakyReLU
-hypernetwork (hidden 16); AdamW lr 1e-3 with the backbone at 1e-4 (backbone_lr_scale 0.1), 15
-epochs, batch 64, KD weight 0.5 at T = 2, TIL.
+stem) trained with the heads generated from 10x10x1 semantic prototypes by the authors' bias-free LeakyReLU
+hypernetwork (two hidden layers of 16; see pah_cifar100.py); AdamW lr 1e-3 with the backbone at 1e-4
+(backbone_lr_scale 0.1), 15 epochs, batch 64, KD weight 0.5 at T = 2, TIL.
 
     python experiments/pah_tinyimagenet.py --workdir runs/pah-tinyimagenet
     python experiments/pah_tinyimagenet.py --set pah.init=random        # the random-prototype ablation
 
-Reported: TinyImageNet (10 tasks): 63.65 +- 1.94 ACC, 4.43 forgetting. Not run here (needs the data on disk and a GPU); the same config runs at tiny scale
-on the offline digits in tests/test_pah.py.
+Reported: TinyImageNet (10 tasks): 63.65 +- 1.94 ACC, 4.43 forgetting. Not run here (needs the data
+on disk and a GPU); the same config runs at tiny scale on the offline digits in tests/test_pah.py.
 """
 import os
 import sys

@@ -1,4 +1,7 @@
-"""PAH on split-digits (TIL): generated heads, the two optimiser steps, prototypes, checkpoint."""
+"""PAH on split-digits (TIL): generated heads, the two optimiser steps, prototypes, checkpoint; the
+authors' choices where the paper is silent (KD direction, hypernetwork, its init)."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +11,9 @@ from flax.traverse_util import flatten_dict
 from battery import assert_no_recompile_after_first_task, quick_config, quick_run
 from clax.checkpoint import restore_raw
 from clax.methods.base import TaskData
-from clax.methods.pah import semantic_prototype
+from clax.methods.pah import PAH_DEFAULTS, pah, semantic_prototype
 from clax.runner import build, run
+from clax.transforms.distill import kd_loss
 
 # the same backbone and training for PAH and finetune; a learning rate at which finetune forgets
 SETS = ["backbone.hidden=[64]", "train.lr=5e-3", "train.optimizer=adamw", "train.weight_decay=0.01"]
@@ -88,6 +92,11 @@ def test_prototype_step_moves_only_old_prototypes(built):
     (["scenario=cil"], "scenario 'cil'"),
     (["pah.proto_size=0"], "pah.proto_size"),
     (["pah.init=zeros"], "pah.init"),
+    (["pah.kd_direction=forward"], "pah.kd_direction"),
+    (["pah.hnet_init=xavier"], "pah.hnet_init"),
+    (["pah.proto_input=crop"], "pah.proto_input"),
+    (["pah.proto_input=native"], "pah.proto_input='native' needs an image backbone"),  # the MLP takes flat inputs
+    (["pah.hidden=[16,0]"], "pah.hidden"),
 ])
 def test_bad_settings(sets, needle):
     with pytest.raises(ValueError, match=needle):
@@ -103,7 +112,146 @@ def test_pah_experiments_run_tiny_on_digits(name):
 
     cfg = importlib.import_module(name).get_config()
     assert cfg["backbone"] == {"name": "resnet18", "nf": 20, "stem": "cifar"} and cfg["pah"]["alpha"] == 0.5
+    assert cfg["pah"]["hidden"] == [16, 16] and cfg["pah"]["kd_direction"] == "student_teacher"
     out = _tiny(cfg, 2)
     assert np.isfinite(out["acc"]) and out["accuracy_matrix"].shape == (2, 2)
     assert out["state"].cl.shared["protos"].shape == (2, 2, 10, 10, 1)
     assert_no_recompile_after_first_task(out)
+
+
+# --- the authors' code where the paper is silent (issue 11, fix 6) -----------------------------------
+
+def _np_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def _np_kd_student_teacher(s, t, temp):
+    """pah2025/PAH utils.py: distillation_output_loss(s, t, T).mean(): T^2 * sum p_s log(p_s / p_t),
+    both probabilities clamped at 1e-10, averaged over the batch."""
+    ps = np.clip(_np_softmax(np.asarray(s, np.float64) / temp), 1e-10, None)
+    pt = np.clip(_np_softmax(np.asarray(t, np.float64) / temp), 1e-10, None)
+    return temp**2 * np.mean(np.sum(ps * np.log(ps / pt), -1))
+
+
+def _np_kd_teacher_student(s, t, temp):
+    ps = _np_softmax(np.asarray(s, np.float64) / temp)
+    pt = _np_softmax(np.asarray(t, np.float64) / temp)
+    return temp**2 * np.mean(np.sum(pt * np.log(pt / ps), -1))
+
+
+def test_kd_directions_on_a_hand_example():
+    s = np.array([[1.0, -0.5, 2.0], [0.3, 0.0, -1.0], [4.0, 0.0, 0.0]], np.float32)
+    # the last row: the teacher's second class has probability e^-30 < 1e-10 at T = 2 (the clamp acts)
+    t = np.array([[0.2, 0.4, 3.0], [-1.0, 2.0, 0.5], [0.0, 60.0, 0.0]], np.float32)
+    got = float(kd_loss(s, t, 2.0, direction="student_teacher", eps=1e-10))
+    np.testing.assert_allclose(got, _np_kd_student_teacher(s, t, 2.0), rtol=1e-5)
+    # the default is unchanged: Hinton's KL(teacher || student) (LwF uses it)
+    np.testing.assert_allclose(float(kd_loss(s, t, 2.0)), _np_kd_teacher_student(s, t, 2.0), rtol=1e-5)
+    assert abs(got - float(kd_loss(s, t, 2.0))) > 0.1  # the example tells the two directions apart
+    # a mask restricts both softmaxes: the same as the KD on the unmasked columns alone
+    m = np.array([True, False, True])
+    np.testing.assert_allclose(float(kd_loss(s, t, 2.0, m[None], "student_teacher", 1e-10)),
+                               _np_kd_student_teacher(s[:, m], t[:, m], 2.0), rtol=1e-5)
+    with pytest.raises(ValueError, match="direction"):
+        kd_loss(s, t, 2.0, direction="sideways")
+
+
+def _teacher_view(cl):
+    """``cl`` with the teacher's model in place of the student's (for its logits through predict)."""
+    te = cl.extra["teacher"]
+    return cl.replace(shared={k: te[k] for k in cl.shared}, state={**cl.state, "backbone": te["stats"]})
+
+
+def test_default_loss_is_ce_plus_half_the_authors_kd(built):
+    """The step-1 loss: CE + 0.5 * T^2 KL(student || teacher) on task 0's head (the paper's alpha 0.5
+    and T 2; the direction and the clamp of the authors' code), against numpy on predict's logits."""
+    bench, ctx, meth, cl, data = built
+    cl1 = meth.begin_task(cl, data)
+    mlp = cl1.shared["hnet"]["mlp"]  # the student moves away from the teacher (the model before task 1)
+    cl1 = cl1.replace(shared={**cl1.shared, "hnet": {"mlp": mlp[:-1] + [{"kernel": 3.0 * mlp[-1]["kernel"]}]}})
+    x = jnp.asarray(data.x[:32])
+    batch = {"x": x, "y": jnp.asarray(data.y[:32]), "tid": jnp.ones(32, jnp.int32)}
+    _, (_, aux) = jax.jit(meth.loss)(cl1, batch, jax.random.PRNGKey(0), jnp.int32(1))
+    zero = jnp.zeros(32, jnp.int32)
+    s_log = np.asarray(meth.predict(cl1, x, zero))
+    t_log = np.asarray(meth.predict(_teacher_view(cl1), x, zero))
+    want = _np_kd_student_teacher(s_log, t_log, 2.0)
+    np.testing.assert_allclose(float(aux["kd"]), want, rtol=1e-4)
+    assert abs(want - _np_kd_teacher_student(s_log, t_log, 2.0)) > 0.01 * want  # the directions differ here
+    np.testing.assert_allclose(float(aux["loss"] - aux["ce"]), 0.5 * want, rtol=1e-4)
+
+
+def _leaky(z):
+    return np.where(z > 0, z, 0.01 * z)
+
+
+def test_hypernetwork_is_the_authors(built):
+    """hyper_hidden_layers=1, hyper_hidden_features=16: emb -> 16 -> 16 -> D*C, LeakyReLU(0.01), no
+    bias anywhere, and the raw output is the bias-free head: logits = f @ W (checked in numpy)."""
+    bench, ctx, meth, cl, data = built
+    mlp = cl.shared["hnet"]["mlp"]
+    D, C = ctx.backbone.feature_dim, 2
+    assert [np.shape(layer["kernel"]) for layer in mlp] == [(200, 16), (16, 16), (16, D * C)]
+    assert all(set(layer) == {"kernel"} for layer in mlp)  # no biases
+    e = np.asarray(cl.shared["protos"][3], np.float64).reshape(-1)  # task 3's embedding
+    w = [np.asarray(layer["kernel"], np.float64) for layer in mlp]
+    h1 = e @ w[0]
+    assert (h1 < 0).any() and (h1 > 0).any()  # the slope of the negative part is exercised
+    kernel = (_leaky(_leaky(h1) @ w[1]) @ w[2]).reshape(D, C)
+    x = jnp.asarray(data.x[:16])
+    f, _ = ctx.backbone.apply(jax.tree.map(lambda u: 0.1 * u, cl.shared["backbone"]), cl.state["backbone"], x, False)
+    got = np.asarray(meth.predict(cl, x, jnp.full(16, 3, jnp.int32)))
+    np.testing.assert_allclose(got, np.asarray(f, np.float64) @ kernel, rtol=1e-4, atol=1e-6)
+
+
+def test_hypernetwork_init_is_kaiming_with_the_last_layer_over_10(built):
+    """kaiming_normal_(fan_in, relu): std sqrt(2 / fan_in); the last layer then divided by 10."""
+    _, _, _, cl, _ = built
+    mlp = cl.shared["hnet"]["mlp"]
+    for i, layer in enumerate(mlp):
+        w = np.asarray(layer["kernel"])
+        want = math.sqrt(2.0 / w.shape[0]) / (10.0 if i == len(mlp) - 1 else 1.0)
+        np.testing.assert_allclose(w.std(), want, rtol=0.15)  # 256 to 3,200 draws per layer
+        assert abs(w.mean()) < 0.25 * want
+
+
+def test_former_clax_choices_stay_as_settings():
+    """hnet_init=affine, head_bias=true, hidden=[16] and kd_direction=teacher_student: clax's PAH
+    before issue 11 (one hidden layer, a generated bias, outputs mapped to a LeCun head's scale)."""
+    _, ctx, meth = build(quick_config("pah", scenario="til", sets=SETS + [
+        "pah.hnet_init=affine", "pah.head_bias=true", "pah.hidden=[16]", "pah.kd_direction=teacher_student"]))
+    cl = meth.init(jax.random.PRNGKey(0))
+    mlp = cl.shared["hnet"]["mlp"]
+    D = ctx.backbone.feature_dim
+    assert [np.shape(layer["kernel"]) for layer in mlp] == [(200, 16), (16, D * 2 + 2)]  # kernel and bias
+    x = jnp.zeros((4,) + tuple(ctx.input_shape))
+    out = np.asarray(meth.predict(cl, x, jnp.zeros(4, jnp.int32)))
+    assert np.abs(out).max() > 0  # zero features still give the generated bias
+
+
+def _recording_backbone(ctx, seen):
+    bb = ctx.backbone
+
+    def apply(params, stats, x, train=False, **kw):
+        seen.append(tuple(x.shape))
+        return bb.apply(params, stats, x, train, **kw)
+
+    return ctx._replace(backbone=bb._replace(apply=apply))
+
+
+@pytest.mark.parametrize("proto_input, side", [("resize", 32), ("native", 10)])
+def test_prototypes_reach_the_backbone_resized_or_native(proto_input, side):
+    """The paper resizes the prototypes to the input's size; the authors' code feeds them at 10x10
+    (``proto_input=native``, for image backbones that accept it)."""
+    cfg = quick_config("pah", scenario="til", sets=["backbone.name=resnet18", "backbone.nf=4",
+                                                    f"pah.proto_input={proto_input}"])
+    bench, ctx, _ = build(cfg)
+    seen = []
+    meth = pah(_recording_backbone(ctx, seen), **cfg["pah"])
+    cl = jax.eval_shape(meth.init, jax.random.PRNGKey(0))
+    batch = {"x": jnp.zeros((4, 32, 32, 3)), "y": jnp.zeros(4, jnp.int32), "tid": jnp.ones(4, jnp.int32)}
+    seen.clear()
+    jax.eval_shape(meth.post_update, cl, batch, jax.random.PRNGKey(0), jnp.int32(1))
+    assert (5 * 2, side, side, 3) in seen, seen  # every task's 2 prototypes, 3 channels

@@ -2,17 +2,48 @@
 
 A shared, trained backbone; per task, one learnable prototype per class — a small image
 (``proto_size`` x ``proto_size`` x ``proto_channels``, default 10x10x1). The task embedding is the
-flattened prototypes of the task, and a small bias-free LeakyReLU hypernetwork
-(:func:`clax.transforms.hypernet.plain`, hidden 16) maps it to the task's linear head: no head is
-stored. Each batch takes two optimiser steps inside the one compiled step:
+flattened prototypes of the task, and a small bias-free LeakyReLU hypernetwork maps it to the task's
+linear head: no head is stored. Each batch takes two optimiser steps inside the one compiled step:
 
 1. the trainer's optimizer over all of ``cl.shared`` (backbone, hypernetwork, the prototype table
-   ``[T, C, s, s, ch]``) on ``CE + alpha * sum_{j<t} T^2 KL(teacher_j || student_j)``, the old heads'
-   logits on the current batch distilled from the teacher (the model after task ``t-1``, T = 2);
+   ``[T, C, s, s, ch]``) on ``CE + alpha * sum_{j<t} KD_j``, the old heads' logits on the current
+   batch distilled from the teacher (the model after task ``t-1``, T = 2);
 2. :func:`Method.post_update`: the prototypes only, on the same KD between the student's and the
-   teacher's old-task logits on each old task's *own prototypes* (rendered to the input's shape:
-   resized bilinearly and repeated to its channels), with its own optax state in
-   ``cl.extra["proto_opt"]``.
+   teacher's old-task logits on each old task's *own prototypes* (repeated to the input's channels
+   and, by default, resized to its size), with its own optax state in ``cl.extra["proto_opt"]``.
+
+``KD_j = T^2 * mean_batch KL(...)`` at temperature ``T``. Where the paper is silent clax follows the
+authors' code (pah2025/PAH, ``train_hyper2d.py`` and ``networks/``) by default; each other choice is
+a setting, and the defaults are the authors' (paper: alpha 0.5, T 2, 10x10x1 semantic prototypes):
+
+* ``kd_direction``: ``"student_teacher"`` (default, the authors' ``distillation_output_loss``:
+  ``T^2 * sum_c p_s log(p_s / p_t)`` with both probabilities clamped at 1e-10, mean over the batch,
+  summed over old tasks) or ``"teacher_student"`` (``KL(teacher || student)``, Hinton's direction and
+  clax's before issue 11).
+* The hypernetwork (the authors' ``HyperNetwork_seq`` / ``FCBlock`` with ``hyper_hidden_layers=1``,
+  ``hyper_hidden_features=16``): ``hidden=[16, 16]`` (their one "hidden layer" setting builds an
+  input layer to 16 and one 16->16 layer, so two hidden layers), LeakyReLU (slope 0.01, PyTorch's
+  default), no biases, the generated head ``logits = f @ W`` bias-free (``TaskHead_simple``).
+  ``hnet_init="kaiming"`` (default, theirs): every layer Kaiming-normal (fan-in, gain sqrt(2)), the
+  last one then divided by 10, and the hypernetwork's raw output *is* the head's kernel.
+  ``hnet_init="affine"`` (clax before issue 11): LeCun-normal layers and the raw output mapped by the
+  per-leaf affine of :func:`clax.transforms.hypernet.layout` to the scale of a LeCun-initialised head.
+  ``head_bias=True`` (clax before issue 11) also generates a bias per class; ``hidden=[16]`` gives
+  clax's former single hidden layer.
+* ``proto_input``: ``"resize"`` (default; the paper: prototypes "repeated to the input's channels
+  and resized") or ``"native"`` (the authors' code: fed at ``proto_size`` without resizing; image
+  backbones that accept that size only, e.g. ResNet-18 with global pooling).
+
+Where clax deliberately differs from the authors' code: it evaluates (and runs the teacher and the
+prototype pass) with BatchNorm running statistics; the authors' code never calls ``eval()``, so
+their test accuracy, teacher and prototype pass use batch statistics. clax does not offer that mode:
+its evaluation batches are zero-padded to one shape (the padding would enter the statistics) and a
+test prediction would depend on the other test images of its batch. (Backbones without BatchNorm,
+such as the MLP on the offline digits, are unaffected.) Their prototype step also steps with the
+gradient left over from step 1 (``opt_prototypes`` is not zeroed between the two backward passes);
+clax's step 2 uses the alignment loss's gradient only, as the paper describes. Their AdamW groups
+pass ``"weight_decay "`` (with a trailing space, ignored), so every group decays at PyTorch's default
+0.01: clax's ``train.weight_decay=0.01`` (registry) and ``proto_weight_decay=0.01`` match that.
 
 Prototype initialisation: ``semantic`` (the paper) takes one training image per class (the first of
 that class in the task's training data: the stratified split is already seeded), channel-mean,
@@ -40,20 +71,28 @@ import optax
 from clax.methods.base import Context, Method, TaskData
 from clax.partition import CLState
 from clax.transforms import hypernet as H
-from clax.transforms.classifier import NEG, cross_entropy, head_logits, init_head
-from clax.transforms.distill import kd_loss
+from clax.transforms.classifier import NEG, cross_entropy, init_head
+from clax.transforms.distill import DIRECTIONS, kd_loss
 
 PAH_DEFAULTS = {
     "proto_size": 10,
     "proto_channels": 1,
     "init": "semantic",
-    "hidden": [16],
-    "alpha": 2.0,  # the paper's 0.5 (experiments/pah_*.py) forgets more than finetune on 2-class digits tasks
+    "hidden": [16, 16],  # the authors' hyper_hidden_layers=1 with hyper_hidden_features=16
+    "alpha": 0.5,  # the paper's and the authors' KD weight ("stability")
     "temperature": 2.0,
+    "kd_direction": "student_teacher",  # the authors' code; "teacher_student": Hinton's (clax before)
+    "hnet_init": "kaiming",  # the authors' Kaiming-normal, last layer / 10; "affine": clax before
+    "head_bias": False,  # the authors' bias-free generated head; True: clax before
+    "proto_input": "resize",  # the paper; "native": the authors' code (prototypes at proto_size)
     "proto_lr": 1e-3,
     "proto_weight_decay": 0.01,
     "backbone_lr_scale": 0.1,
 }
+HNET_INITS = ("kaiming", "affine")
+PROTO_INPUTS = ("resize", "native")
+#: the authors' KL_divergence clamps both probabilities at this value (only with kd_direction=student_teacher)
+KD_EPS = 1e-10
 
 
 def image_geometry(input_shape) -> tuple[int, int, int]:
@@ -80,10 +119,49 @@ def semantic_prototype(img: np.ndarray, geom, size: int, channels: int) -> np.nd
     return np.repeat(g[..., None], channels, axis=-1)
 
 
+def kaiming_mlp_init(key, sizes, last_divisor: float = 10.0) -> list[dict]:
+    """Bias-free MLP layers ``sizes[0] -> ... -> sizes[-1]`` as the PAH authors initialise them:
+    ``kaiming_normal_(mode="fan_in", nonlinearity="relu")`` (std ``sqrt(2 / fan_in)``) for every
+    layer (their ``FCBlock``), the last one then divided by ``last_divisor`` (their
+    ``hyper_weight_init``: ``/ 1e1``)."""
+    keys = jax.random.split(key, len(sizes) - 1)
+    layers = []
+    for i, (k, (a, b)) in enumerate(zip(keys, zip(sizes[:-1], sizes[1:]))):
+        w = jax.random.normal(k, (a, b)) * math.sqrt(2.0 / a)
+        layers.append({"kernel": w / last_divisor if i == len(sizes) - 2 else w})
+    return layers
+
+
+def hn_widths(hidden) -> tuple[int, ...]:
+    """The hypernetwork's hidden widths as a tuple (each a positive integer, checked by
+    :func:`clax.transforms.hypernet.plain`)."""
+    return tuple(int(h) for h in hidden)
+
+
+def _check_native_input(ctx: Context, size: int, geom) -> None:
+    """``proto_input="native"`` feeds ``size x size`` images: the backbone must be an image backbone
+    that accepts that size (shape-checked once with :func:`jax.eval_shape`)."""
+    if len(tuple(ctx.input_shape)) != 3:
+        raise ValueError(f"pah.proto_input='native' needs an image backbone; {ctx.backbone.name!r} takes flat "
+                         f"inputs of shape {tuple(ctx.input_shape)}: use pah.proto_input=resize")
+    try:
+        jax.eval_shape(lambda key: ctx.backbone.apply(*ctx.backbone.init(key), jnp.zeros((1, size, size, geom[2])),
+                                                      False), jax.random.PRNGKey(0))
+    except Exception as e:  # noqa: BLE001 (any shape error of the backbone)
+        raise ValueError(f"pah.proto_input='native': backbone {ctx.backbone.name!r} does not accept "
+                         f"{size}x{size} prototypes ({type(e).__name__}); use pah.proto_input=resize") from e
+
+
 def pah(ctx: Context, **settings) -> Method:
     """PAH with settings ``proto_size``, ``proto_channels``, ``init`` (semantic | random), ``hidden``
-    (the hypernetwork's widths), ``alpha`` (KD weight), ``temperature``, ``proto_lr``,
-    ``proto_weight_decay`` (the prototype step's AdamW) and ``backbone_lr_scale``."""
+    (the hypernetwork's widths), ``alpha`` (KD weight), ``temperature``, ``kd_direction``
+    (student_teacher | teacher_student), ``hnet_init`` (kaiming | affine), ``head_bias``,
+    ``proto_input`` (resize | native), ``proto_lr``, ``proto_weight_decay`` (the prototype step's
+    AdamW) and ``backbone_lr_scale``; see the module docstring for which choice is whose.
+
+    Raises:
+      ValueError: a scenario other than TIL, or a bad setting (the message names it and its value).
+    """
     s = {**PAH_DEFAULTS, **settings}
     if ctx.scenario != "til":
         raise ValueError(f"pah is task-incremental (it generates one head per task id); scenario "
@@ -95,28 +173,59 @@ def pah(ctx: Context, **settings) -> Method:
         raise ValueError(f"pah.init must be 'semantic' or 'random', got {s['init']!r}")
     if not s["backbone_lr_scale"] > 0:
         raise ValueError(f"pah.backbone_lr_scale must be > 0, got {s['backbone_lr_scale']}")
+    if s["kd_direction"] not in DIRECTIONS:
+        raise ValueError(f"pah.kd_direction must be one of {', '.join(DIRECTIONS)}; got {s['kd_direction']!r}")
+    if s["hnet_init"] not in HNET_INITS:
+        raise ValueError(f"pah.hnet_init must be one of {', '.join(HNET_INITS)}; got {s['hnet_init']!r}")
+    if s["proto_input"] not in PROTO_INPUTS:
+        raise ValueError(f"pah.proto_input must be one of {', '.join(PROTO_INPUTS)}; got {s['proto_input']!r}")
+    if not isinstance(s["head_bias"], bool):
+        raise ValueError(f"pah.head_bias must be true or false, got {s['head_bias']!r}")
     geom = image_geometry(ctx.input_shape)
     if s["proto_channels"] not in (1, geom[2]):
         raise ValueError(f"pah.proto_channels must be 1 or the input's {geom[2]} channels, got {s['proto_channels']}")
     T, C, D = ctx.num_tasks, ctx.task_classes.shape[1], ctx.backbone.feature_dim
     size, pch, k = s["proto_size"], s["proto_channels"], float(s["backbone_lr_scale"])
     proto_shape = (C, size, size, pch)
-    lay = H.layout(lambda key: init_head(key, D, C), key=jax.random.PRNGKey(0))
-    hn = H.plain(lay, int(np.prod(proto_shape)), s["hidden"], use_bias=False, activation=jax.nn.leaky_relu,
-                 name="pah")
+    native = s["proto_input"] == "native"
+    if native:
+        _check_native_input(ctx, size, geom)
+    proto_in = (size, size, geom[2]) if native else tuple(ctx.input_shape)
+
+    def head_init(key):
+        head = init_head(key, D, C)
+        return head if s["head_bias"] else {"kernel": head["kernel"]}
+
+    # "affine": the raw output is mapped to a LeCun-initialised head's scale; "kaiming": used as it is
+    lay = H.layout(head_init, key=jax.random.PRNGKey(0) if s["hnet_init"] == "affine" else None)
+    emb_dim = int(np.prod(proto_shape))
+    hn = H.plain(lay, emb_dim, s["hidden"], use_bias=False, activation=jax.nn.leaky_relu, name="pah")
+    hn_sizes = (emb_dim, *hn_widths(s["hidden"]), lay.num_params)
+    kd_eps = KD_EPS if s["kd_direction"] == "student_teacher" else 0.0
     cmask = jnp.asarray(ctx.task_classes >= 0)
     ptx = optax.adamw(s["proto_lr"], weight_decay=s["proto_weight_decay"])
 
+    def hnet_init(key):
+        if s["hnet_init"] == "kaiming":
+            return {"mlp": kaiming_mlp_init(key, hn_sizes)}
+        return hn.init(key)
+
     def render(protos):
-        """``[..., C, s, s, ch]`` prototypes -> backbone inputs ``[..., C, *input_shape]``."""
+        """``[..., C, s, s, ch]`` prototypes -> backbone inputs ``[..., C, *proto_in]``: repeated to
+        the input's channels, resized to its size unless ``proto_input="native"``."""
         lead = protos.shape[:-3]
-        img = jax.image.resize(protos, lead + (geom[0], geom[1], pch), "bilinear")
-        img = jnp.broadcast_to(img, lead + (geom[0], geom[1], geom[2])) if pch == 1 else img
-        return img.reshape(lead + tuple(ctx.input_shape))
+        img = protos if native else jax.image.resize(protos, lead + (geom[0], geom[1], pch), "bilinear")
+        img = jnp.broadcast_to(img, img.shape[:-1] + (geom[2],)) if pch == 1 else img
+        return img.reshape(lead + proto_in)
 
     def heads(hparams, protos):
-        """Generated heads of every task: ``{"kernel": [T, D, C], "bias": [T, C]}``."""
+        """Generated heads of every task: ``{"kernel": [T, D, C]}`` (and ``"bias": [T, C]`` with
+        ``head_bias``)."""
         return jax.vmap(lambda p: hn.apply(hparams, p.reshape(-1)))(protos)
+
+    def bias(hd):
+        """The heads' bias as ``[1, T, C]`` (0 for the authors' bias-free head)."""
+        return hd["bias"][None] if "bias" in hd else 0.0
 
     def feats(model, stats, x, train):
         return ctx.backbone.apply(jax.tree.map(lambda u: k * u, model["backbone"]), stats, x, train)
@@ -125,7 +234,7 @@ def pah(ctx: Context, **settings) -> Method:
         kb, kh, kp = jax.random.split(key, 3)
         params, stats = ctx.backbone.init(kb)
         protos = 0.5 + 0.1 * jax.random.normal(kp, (T,) + proto_shape)
-        shared = {"backbone": jax.tree.map(lambda p: p / k, params), "hnet": hn.init(kh), "protos": protos}
+        shared = {"backbone": jax.tree.map(lambda p: p / k, params), "hnet": hnet_init(kh), "protos": protos}
         return CLState(frozen={}, shared=shared, per_task={}, state={"backbone": stats},
                        extra={"teacher": {**shared, "stats": stats}, "proto_opt": ptx.init(protos)})
 
@@ -133,12 +242,12 @@ def pah(ctx: Context, **settings) -> Method:
         """``[B, T, C]``: every task's generated head on the features of ``x`` (eval mode)."""
         f, _ = feats(model, stats, x, False)
         hd = heads(model["hnet"], model["protos"])
-        return jnp.einsum("bd,tdc->btc", f, hd["kernel"]) + hd["bias"][None]
+        return jnp.einsum("bd,tdc->btc", f, hd["kernel"]) + bias(hd)
 
     def loss(cl, batch, key, t):
         f, stats = feats(cl.shared, cl.state["backbone"], batch["x"], True)
         hd = heads(cl.shared["hnet"], cl.shared["protos"])                      # every task's head
-        s_all = jnp.einsum("bd,tdc->btc", f, hd["kernel"]) + hd["bias"][None]    # [B, T, C]
+        s_all = jnp.einsum("bd,tdc->btc", f, hd["kernel"]) + bias(hd)  # [B, T, C]
         logits = jnp.where(cmask[t], s_all[:, t], NEG)
         ce = cross_entropy(logits, batch["y"])
         teacher = cl.extra["teacher"]
@@ -149,16 +258,16 @@ def pah(ctx: Context, **settings) -> Method:
 
     def _old_task_kd(s_all, t_all, t):
         """``sum_{j<t}`` KD between student and teacher logits ``[B, T, C]`` of task ``j``."""
-        per = jax.vmap(lambda sj, tj, m: kd_loss(sj, tj, s["temperature"], m[None]), in_axes=(1, 1, 0))(
-            s_all, t_all, cmask)
+        per = jax.vmap(lambda sj, tj, m: kd_loss(sj, tj, s["temperature"], m[None], s["kd_direction"], kd_eps),
+                       in_axes=(1, 1, 0))(s_all, t_all, cmask)
         return jnp.sum(jnp.where(jnp.arange(T) < t, per, 0.0))
 
     def own_logits(model, stats, protos):
         """``[C, T, C]``: task ``j``'s generated head on its own prototypes (entry ``[c, j]``)."""
-        x = render(protos).reshape((T * C,) + tuple(ctx.input_shape))
+        x = render(protos).reshape((T * C,) + proto_in)
         f, _ = feats(model, stats, x, False)
         hd = heads(model["hnet"], protos)
-        return jnp.einsum("jcd,jdk->cjk", f.reshape(T, C, -1), hd["kernel"]) + hd["bias"][None]
+        return jnp.einsum("jcd,jdk->cjk", f.reshape(T, C, -1), hd["kernel"]) + bias(hd)
 
     def post_update(cl, batch, key, t):
         teacher = cl.extra["teacher"]
@@ -199,7 +308,8 @@ def pah(ctx: Context, **settings) -> Method:
     def predict(cl, x, tid):
         f, _ = feats(cl.shared, cl.state["backbone"], x, False)
         hd = heads(cl.shared["hnet"], cl.shared["protos"])
-        out = head_logits(hd, f, tid)
+        out = jnp.einsum("bd,bdc->bc", f, hd["kernel"][tid])
+        out = out + hd["bias"][tid] if "bias" in hd else out
         return jnp.where(cmask[tid], out, NEG)
 
     def task_bytes(cl, t):
