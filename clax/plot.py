@@ -42,21 +42,21 @@ def capacity_plot(runs: dict, path: str, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(7.2, 3.6))
     for i, (label, r) in enumerate(runs.items()):
         color = f"C{i}"
         used = np.asarray(r["capacity_used"], float)
         tasks = np.arange(1, len(used) + 1)
         ax.plot(tasks, used, "-o", color=color, label=f"{label}: capacity used")
         if r.get("mask_density") is not None:
-            ax.plot(tasks, np.asarray(r["mask_density"], float), "--", color=color, alpha=0.7,
+            ax.plot(tasks, np.asarray(r["mask_density"], float), "--", marker="x", color=color, alpha=0.7,
                     label=f"{label}: task mask density")
     ax.set_ylim(0, 1.02)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("after task")
     ax.set_ylabel("fraction of masked weights")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside: hides no line
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -34,7 +34,9 @@ def compare(benchmark: str = "split-digits", seeds=(0, 1, 2), methods=METHODS, s
                   "bwt_max_abs": float(max(abs(r["bwt"]) for r in rs)),
                   "mask_density": mean("mask_density").tolist(), "capacity_used": mean("capacity_used").tolist(),
                   "mean_density": float(np.mean(mean("mask_density"))),
-                  "train_s": float(np.mean([r["timing"]["train_s"] for r in rs])), "seeds": list(seeds)}
+                  "train_s": float(np.mean([r["timing"]["train_s"] for r in rs])), "seeds": list(seeds),
+                  "acc_per_seed": [float(r["acc"]) for r in rs],
+                  "capacity_per_seed": [float(r["capacity_used"][-1]) for r in rs]}
     return out
 
 
@@ -49,7 +51,8 @@ def main(argv=None):
     print(f"{'method':>8} {'ACC':>6} {'BWT':>5} {'density':>7} {'capacity':>8} {'train_s':>7}")
     for m, r in res.items():
         print(f"{m:>8} {r['acc']:6.4f} {r['bwt']:5.1f} {r['mean_density']:7.3f} {r['capacity_used'][-1]:8.3f} "
-              f"{r['train_s']:7.1f}")
+              f"{r['train_s']:7.1f}   per seed: ACC {', '.join(f'{v:.4f}' for v in r['acc_per_seed'])}; "
+              f"capacity {', '.join(f'{v:.3f}' for v in r['capacity_per_seed'])}")
     capacity_plot(res, a.out, f"{a.benchmark}, mean of seeds {a.seeds}")
     print(json.dumps(res))
     return res
