@@ -6,21 +6,48 @@ extracts penultimate features of up to ``hscore_samples`` samples of the new tas
 (:func:`clax.transforms.hscore.hscore`) become target distances and are solved for an H-embedding
 ``e_hat_t`` (:func:`~clax.transforms.hscore.solve_embedding`). Training then adds
 
-    L_emb = min(0.05 t, 1) * (1 - cos(D(e_t), e_hat_t))
+    L_emb = min(0.05 t, 1) * (1 - cos(D(phi(e_t)), e_hat_t))
 
-with ``D`` a decoder MLP (hidden ``decoder_hidden``) trained jointly with the hypernetwork.
+with ``D`` a decoder MLP (one hidden layer of ``decoder_hidden``, ReLU) and one cosine over the whole
+``[E]`` vector. Where the paper is silent the defaults follow the authors' code
+(viki760/H-embedding_guided_hypernet-for-review-); each other choice is kept as a setting:
+
+* ``decoder_input``: what ``phi(e_t)`` is. ``"chunks"`` (default, the authors'): the hypernetwork's
+  last hidden activation for every chunk, ``[num_chunks, width]`` flattened chunk by chunk, which is
+  ``[e_t; c_i]`` over all chunks ``i`` when the hypernetwork has no hidden layer (their ResNet-32
+  one); ``L_emb`` then reaches the hypernetwork and the chunk embeddings as well as ``e_t``
+  (``cifar/train/train_Hemb.py:train``: ``hnet.forward(task_id, emb_reg=True).view(-1)`` fed to the
+  ``EmbDecoder`` of ``cifar/train/fc_decoder.py``; ``utils/chunked_hyper_model.py:forward`` and
+  ``utils/hyper_model.py:forward`` with ``emb_reg=True`` return that activation).
+  ``"embedding"``: ``D(e_t)`` on the task embedding alone (clax's earlier choice).
+* ``decoder``: ``"per_task"`` (default, the authors'): a fresh decoder at the start of every task
+  from the third on (PyTorch ``nn.Linear``'s default initialisation, uniform within
+  ``1/sqrt(fan_in)``), trained on ``L_emb`` only by its own Adam at ``decoder_lr`` (1e-3, their
+  ``--emb_lr``), stepped on the same forward as the main step (``train_Hemb.py:train`` builds
+  ``EmbDecoder`` and ``optim.Adam(decoder.parameters(), lr=config.emb_lr)`` inside the per-task
+  ``train`` and calls ``decoder_optimizer.step()`` before ``theta_optimizer.step()``). The decoder
+  and its Adam state live in ``cl.state["decoder"]`` / ``cl.state["decoder_opt"]``: the loss returns
+  them updated, so they are checkpointed with the run and a resumed run continues exactly.
+  ``"shared"``: one decoder for the whole stream in ``cl.shared`` (LeCun-normal kernels, zero
+  biases), trained by the trainer's optimizer (clax's earlier choice).
+* ``random_dist`` (the ablation ``guidance="random"``): ``"normal"`` (default, the authors':
+  ``torch.randn(temb_size)`` in ``train_Hemb.py:train``) or ``"uniform"`` on [0, 1) (clax's earlier
+  choice, the solve's initialisation).
 
 Switches: ``guidance="h"`` (the method), ``"none"`` (no embedding loss: exactly HNET), ``"random"``
-(the ablation: ``e_hat_t`` drawn uniform(0, 1) instead of solved from H-scores).
+(the ablation: ``e_hat_t`` drawn at random instead of solved from H-scores).
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from clax.methods.base import Context, Method, TaskData
-from clax.methods.hnet import HNET_DEFAULTS, build_hnet, local_targets
+from clax.methods.hnet import HNET_DEFAULTS, build_hnet, local_targets, make_target
 from clax.transforms import hscore as HS
 from clax.transforms import hypernet as H
 
@@ -32,41 +59,96 @@ HEMBED_DEFAULTS = {
     "solve_steps": 2000,
     "solve_lr": 1e-3,
     "decoder_hidden": 512,
+    "decoder_input": "chunks",
+    "decoder": "per_task",
+    "decoder_lr": 1e-3,
+    "random_dist": "normal",
 }
 GUIDANCE = ("h", "none", "random")
+CHOICES = {"guidance": GUIDANCE, "distance_form": ("direct", "reciprocal"),
+           "decoder_input": ("chunks", "embedding"), "decoder": ("per_task", "shared"),
+           "random_dist": ("normal", "uniform")}
+
+
+def decoder_init(key: jax.Array, sizes) -> list[dict]:
+    """An MLP ``sizes[0] -> ... -> sizes[-1]`` initialised as PyTorch's ``nn.Linear`` by default:
+    kernel and bias uniform in ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]`` (the authors' ``EmbDecoder``)."""
+    layers = []
+    for k, (a, b) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
+        kw, kb = jax.random.split(k)
+        bound = 1.0 / math.sqrt(a)
+        layers.append({"kernel": jax.random.uniform(kw, (a, b), minval=-bound, maxval=bound),
+                       "bias": jax.random.uniform(kb, (b,), minval=-bound, maxval=bound)})
+    return layers
 
 
 def hembed(ctx: Context, **settings) -> Method:
     """H-embedding-guided HNET; the HNET settings plus ``guidance`` (h | none | random),
-    ``distance_form`` (direct | reciprocal), ``hscore_samples``, ``solve_steps``, ``solve_lr`` and
-    ``decoder_hidden``."""
+    ``distance_form`` (direct | reciprocal), ``hscore_samples``, ``solve_steps``, ``solve_lr``,
+    ``decoder_hidden``, ``decoder_input`` (chunks | embedding), ``decoder`` (per_task | shared),
+    ``decoder_lr`` and ``random_dist`` (normal | uniform); see the module docstring for whose each
+    choice is."""
     s = {**HEMBED_DEFAULTS, **settings}
-    if s["guidance"] not in GUIDANCE:
-        raise ValueError(f"hembed.guidance must be one of {', '.join(GUIDANCE)}, got {s['guidance']!r}")
-    if s["distance_form"] not in ("direct", "reciprocal"):
-        raise ValueError(f"hembed.distance_form must be 'direct' or 'reciprocal', got {s['distance_form']!r}")
+    for k, valid in CHOICES.items():
+        if s[k] not in valid:
+            raise ValueError(f"hembed.{k} must be one of {', '.join(valid)}, got {s[k]!r}")
     for k in ("hscore_samples", "solve_steps", "decoder_hidden"):
-        if not isinstance(s[k], int) or s[k] <= 0:
+        if not isinstance(s[k], int) or isinstance(s[k], bool) or s[k] <= 0:
             raise ValueError(f"hembed.{k} must be a positive integer, got {s[k]!r}")
+    if not s["decoder_lr"] > 0:
+        raise ValueError(f"hembed.decoder_lr must be > 0, got {s['decoder_lr']!r}")
     if s["guidance"] == "none":
         return build_hnet("hembed", ctx, s)
-    T, E, cmax = ctx.num_tasks, s["task_emb_dim"], ctx.task_classes.shape[1]
+    tgt = make_target(ctx, s, "hembed")
+    hn = tgt.hn
+    T, E = ctx.num_tasks, s["task_emb_dim"]
+    cmax = ctx.task_classes.shape[1]
     n = s["hscore_samples"]
-    dec_sizes = (E, s["decoder_hidden"], E)
+    if s["decoder_input"] == "chunks":
+        width = s["hidden"][-1] if len(s["hidden"]) else s["task_emb_dim"] + s["chunk_emb_dim"]
+        dec_in = hn.num_chunks * width
+    else:
+        dec_in = E
+    dec_sizes = (dec_in, s["decoder_hidden"], E)
+    per_task = s["decoder"] == "per_task"
+    dtx = optax.adam(s["decoder_lr"])
+
+    def fresh_decoder(key):
+        dec = decoder_init(key, dec_sizes)
+        return {"decoder": dec, "decoder_opt": dtx.init(dec)}
 
     def extra_init(key, cl):
-        dec = H.mlp_init(jax.random.fold_in(key, 7), dec_sizes, True)
-        return cl.replace(shared={**cl.shared, "decoder": dec},
-                          extra={**cl.extra, "h_emb": jnp.zeros((T, E))})
+        k = jax.random.fold_in(key, 7)
+        extra = {**cl.extra, "h_emb": jnp.zeros((T, E))}
+        if per_task:
+            return cl.replace(state={**cl.state, **fresh_decoder(k)}, extra=extra)
+        return cl.replace(shared={**cl.shared, "decoder": H.mlp_init(k, dec_sizes, True)}, extra=extra)
+
+    def phi(hparams, e):
+        """The decoder's input for embedding ``e`` (``[dec_in]``)."""
+        return hn.hidden(hparams, e).reshape(-1) if s["decoder_input"] == "chunks" else e
+
+    def cos_loss(dec, feats, e_hat):
+        """``1 - cos(D(phi(e_t)), e_hat_t)``: one cosine over the decoded ``[E]`` vector."""
+        return HS.cosine_embedding_loss(H.mlp_apply(dec, feats, jax.nn.relu), e_hat)
 
     def extra_loss(cl, t):
-        pred = H.mlp_apply(cl.shared["decoder"], cl.per_task["emb"][t], jax.nn.relu)
-        l_cos = HS.cosine_embedding_loss(pred, cl.extra["h_emb"][t])
-        w = HS.warmup_weight(t)
-        return w * l_cos, {"emb": l_cos}
+        feats = phi(cl.shared["hnet"], cl.per_task["emb"][t])
+        e_hat, w = cl.extra["h_emb"][t], HS.warmup_weight(t)
+        if not per_task:
+            l_cos = cos_loss(cl.shared["decoder"], feats, e_hat)
+            return w * l_cos, cl.state, {"emb": l_cos}
+        dec = cl.state["decoder"]
+        l_cos = cos_loss(dec, feats, e_hat)   # reaches the hypernetwork and e_t; the decoder is state
+        # The decoder's own Adam step on L_emb from the same forward, i.e. at the pre-update hypernetwork
+        # (the authors take both steps from one backward pass, the decoder's first).
+        g = jax.grad(lambda d: w * cos_loss(d, jax.lax.stop_gradient(feats), e_hat))(dec)
+        upd, opt = dtx.update(g, cl.state["decoder_opt"], dec)
+        state = {**cl.state, "decoder": optax.apply_updates(dec, upd), "decoder_opt": opt}
+        return w * l_cos, state, {"emb": l_cos}
 
     def make_scores(parts):
-        tgt, tc = parts["target"], parts["task_classes"]
+        tc = parts["task_classes"]
 
         @jax.jit
         def scores(cl, x, y, w, t):
@@ -88,8 +170,10 @@ def hembed(ctx: Context, **settings) -> Method:
         if t < 2:  # the embedding loss starts at the third task
             return cl
         k_sample, k_solve = jax.random.split(jax.random.fold_in(data.key, 11))
+        k_dec = jax.random.fold_in(data.key, 13)
         if s["guidance"] == "random":
-            e_hat = jax.random.uniform(k_solve, (E,))
+            draw = jax.random.normal if s["random_dist"] == "normal" else jax.random.uniform
+            e_hat = draw(k_solve, (E,))
         else:
             if "scores" not in cache:
                 cache["scores"] = make_scores(parts)
@@ -100,6 +184,8 @@ def hembed(ctx: Context, **settings) -> Method:
             valid = jnp.arange(T) < t
             d = HS.distances(h, valid, s["distance_form"])
             e_hat, _ = solve(k_solve, d, cl.per_task["emb"], valid, steps=s["solve_steps"], lr=s["solve_lr"])
-        return cl.replace(extra={**cl.extra, "h_emb": cl.extra["h_emb"].at[t].set(e_hat)})
+        state = {**cl.state, **fresh_decoder(k_dec)} if per_task else cl.state
+        return cl.replace(state=state, extra={**cl.extra, "h_emb": cl.extra["h_emb"].at[t].set(e_hat)})
 
-    return build_hnet("hembed", ctx, s, extra_loss=extra_loss, extra_init=extra_init, extra_begin=extra_begin)
+    return build_hnet("hembed", ctx, s, extra_loss=extra_loss, extra_init=extra_init, extra_begin=extra_begin,
+                      target=tgt)

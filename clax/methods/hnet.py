@@ -6,14 +6,20 @@ but the embeddings (``cl.per_task["emb"]``, ``[T, E]``) is stored per task, plus
 BatchNorm statistics where it has BatchNorm (``cl.state["bn"]``, a row per task). While task ``t``
 trains, only ``e_t`` and the hypernetwork (with its chunk embeddings) are trained, against
 
-    CE + beta * 1/t * sum_{j<t} || h(e_j; theta*) - h(e_j; theta) ||^2
+    CE + beta * 1/t * sum_{j<t} || W(e_j; theta*) - W(e_j; theta) ||^2
 
-with ``h(e_j; theta*)`` the outputs for the earlier tasks' embeddings taken by ``begin_task`` before
-task ``t`` (kept in ``cl.extra["targets"]``, ``[T, P]``). With ``lookahead`` the regulariser is
-evaluated at ``theta - lookahead_lr * stop_grad(dCE/dtheta)`` (the one-step lookahead of the paper;
-a plain gradient step stands in for the optimizer's step). TIL: the sample's task id picks the
-embedding. CIL: HNET+ENT — every trained task's network predicts, and the one whose softmax has the
-lowest entropy wins; its outputs are placed at its global class ids.
+where ``W(e; theta)`` are the GENERATED WEIGHTS — the hypernetwork's outputs after the layout's
+per-leaf affine ``shift + scale * raw`` (:class:`clax.transforms.hypernet.Layout`), i.e. the target
+network's parameters — and the squared norm sums over all of the target's leaves. This is the
+authors' regulariser (hypercl / viki760 ``utils/hnet_regularizer.py:calc_fix_target_reg``: the squared
+distance between the flattened weight tensors that ``hnet.forward`` returns, the main network's
+weights), so ``beta`` means what it means in the paper whatever scale the target's leaves have.
+``W(e_j; theta*)`` are the generated weights for the earlier tasks' embeddings taken by ``begin_task``
+before task ``t`` (kept flat in layout order in ``cl.extra["targets"]``, ``[T, P]``). With
+``lookahead`` the regulariser is evaluated at ``theta - lookahead_lr * stop_grad(dCE/dtheta)`` (the
+one-step lookahead of the paper; a plain gradient step stands in for the optimizer's step). TIL: the
+sample's task id picks the embedding. CIL: HNET+ENT — every trained task's network predicts, and the
+one whose softmax has the lowest entropy wins; its outputs are placed at its global class ids.
 
 Shapes do not change with the task (the chunk count depends only on the target), so a new task adds
 no compilation.
@@ -82,14 +88,29 @@ def hnet(ctx: Context, **settings) -> Method:
     return build_hnet("hnet", ctx, {**HNET_DEFAULTS, **settings})
 
 
+def output_regulariser(hn: H.Hypernet, hparams, embs: jax.Array, targets: jax.Array, t) -> jax.Array:
+    """``1/t * sum_{j<t} || W(e_j; hparams) - targets_j ||^2`` (0 at ``t = 0``).
+
+    ``embs [T, E]`` task embeddings, ``targets [T, P]`` generated weights (flat, layout order, see
+    :func:`clax.transforms.hypernet.generated_flat`); rows ``j >= t`` are ignored. The distance is in
+    weight units: it sums ``||W_leaf(e_j; hparams) - W_leaf*||^2`` over the target's leaves.
+    """
+    out = jax.vmap(lambda e: H.generated_flat(hn, hparams, e))(embs)     # [T, P] generated weights
+    sq = jnp.sum((out - targets) ** 2, axis=-1)
+    return jnp.sum(jnp.where(jnp.arange(embs.shape[0]) < t, sq, 0.0)) / jnp.maximum(t, 1)
+
+
 def build_hnet(name: str, ctx: Context, s: dict, extra_loss: Callable | None = None,
-               extra_init: Callable | None = None, extra_begin: Callable | None = None) -> Method:
-    """The HNET method; ``extra_loss(cl, t) -> (scalar, metrics)`` adds a term to the loss,
+               extra_init: Callable | None = None, extra_begin: Callable | None = None,
+               target: Target | None = None) -> Method:
+    """The HNET method; ``extra_loss(cl, t) -> (scalar, new cl.state, metrics)`` adds a term to the
+    loss (and may update ``cl.state``, e.g. a decoder with its own optimizer),
     ``extra_init(key, cl) -> cl`` and ``extra_begin(cl, data, parts) -> cl`` extend ``init`` and
-    ``begin_task`` (the H-embedding guidance of :mod:`clax.methods.hembed` plugs in here)."""
+    ``begin_task`` (the H-embedding guidance of :mod:`clax.methods.hembed` plugs in here); ``target``
+    a :class:`Target` already made by :func:`make_target` from the same settings."""
     if s["beta"] < 0:
         raise ValueError(f"{name}.beta must be >= 0, got {s['beta']}")
-    tgt = make_target(ctx, s, name)
+    tgt = target if target is not None else make_target(ctx, s, name)
     hn, T = tgt.hn, ctx.num_tasks
     tc = jnp.asarray(ctx.task_classes)
     cmask = tc >= 0                                              # [T, C_max] valid outputs per task
@@ -113,11 +134,6 @@ def build_hnet(name: str, ctx: Context, s: dict, extra_loss: Callable | None = N
         y = batch["y"] if ctx.scenario == "til" else local_targets(tc, batch["y"], t)
         return cross_entropy(logits, y), new_stats
 
-    def regulariser(hparams, embs, targets, t):
-        out = jax.vmap(lambda e: hn.flat(hparams, e))(embs)   # [T, P]
-        sq = jnp.sum((out - targets) ** 2, axis=-1)
-        return jnp.sum(jnp.where(jnp.arange(T) < t, sq, 0.0)) / jnp.maximum(t, 1)
-
     def loss(cl, batch, key, t):
         hparams, e = cl.shared["hnet"], cl.per_task["emb"][t]
         stats = P.task_row(cl.state["bn"], t)
@@ -126,23 +142,24 @@ def build_hnet(name: str, ctx: Context, s: dict, extra_loss: Callable | None = N
         if s["lookahead"]:
             g = jax.grad(lambda hp: task_ce(hp, e, stats, batch, t)[0])(hparams)
             hp_reg = jax.tree.map(lambda p, gi: p - s["lookahead_lr"] * jax.lax.stop_gradient(gi), hparams, g)
-        reg = regulariser(hp_reg, cl.per_task["emb"], cl.extra["targets"], t)
+        reg = output_regulariser(hn, hp_reg, cl.per_task["emb"], cl.extra["targets"], t)
         total = ce + s["beta"] * reg
         metrics = {"ce": ce, "reg": reg}
+        state = cl.state
         if extra_loss is not None:
-            l_extra, m_extra = extra_loss(cl, t)
+            l_extra, state, m_extra = extra_loss(cl, t)
             total = total + l_extra
             metrics.update(m_extra)
-        state = {**cl.state, "bn": P.set_task_row(cl.state["bn"], t, new_stats)}
+        state = {**state, "bn": P.set_task_row(cl.state["bn"], t, new_stats)}
         return total, (state, {"loss": total, **metrics})
 
     @jax.jit
-    def all_outputs(hparams, embs):
-        return jax.vmap(lambda e: hn.flat(hparams, e))(embs)
+    def all_weights(hparams, embs):
+        return jax.vmap(lambda e: H.generated_flat(hn, hparams, e))(embs)
 
     def begin_task(cl, data: TaskData):
-        # theta* snapshot: the hypernetwork's outputs for every embedding before task t trains.
-        cl = cl.replace(extra={**cl.extra, "targets": all_outputs(cl.shared["hnet"], cl.per_task["emb"])})
+        # theta* snapshot: the generated weights for every embedding before task t trains.
+        cl = cl.replace(extra={**cl.extra, "targets": all_weights(cl.shared["hnet"], cl.per_task["emb"])})
         return extra_begin(cl, data, parts) if extra_begin else cl
 
     def end_task(cl, data: TaskData):
@@ -168,7 +185,7 @@ def build_hnet(name: str, ctx: Context, s: dict, extra_loss: Callable | None = N
         glob = jnp.einsum("bc,bck->bk", local, place)
         return jnp.where(place.sum(1) > 0, glob, NEG)
 
-    parts = {"target": tgt, "task_classes": tc, "generated": generated}
+    parts = {"target": tgt, "task_classes": tc, "generated": generated, "hn": hn}
     return Method(name, init, loss, predict, begin_task=begin_task, end_task=end_task)
 
 

@@ -12,12 +12,12 @@
   (PAH's bias-free LeakyReLU hypernetwork).
 
 Both return a :class:`Hypernet`: ``init(key) -> params`` and ``apply(params, e) -> target pytree``
-(with ``flat`` giving the flat vector instead).
+(with ``flat`` giving the flat vector instead and ``hidden`` the MLP's last hidden activation).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +91,9 @@ class Hypernet(NamedTuple):
       layout: the target's :class:`Layout`.
       num_chunks: chunks per target (1 for :func:`plain`).
       chunk_size: entries per chunk (``num_params`` for :func:`plain`).
+      hidden: ``(params, e [E]) -> [num_chunks, width]``: the MLP's last hidden activation for every
+        chunk (after its nonlinearity), or the MLP's input (``[e; c_i]`` per chunk) where it has no
+        hidden layer (what the H-embedding decoder reads, :mod:`clax.methods.hembed`).
     """
 
     init: Callable[[jax.Array], PyTree]
@@ -99,6 +102,7 @@ class Hypernet(NamedTuple):
     layout: Layout
     num_chunks: int
     chunk_size: int
+    hidden: Optional[Callable[[PyTree, jax.Array], jax.Array]] = None
 
 
 def mlp_init(key, sizes: Sequence[int], use_bias: bool) -> list[dict]:
@@ -121,6 +125,11 @@ def mlp_apply(layers: list[dict], x: jax.Array, act: Callable) -> jax.Array:
         if i < len(layers) - 1:
             x = act(x)
     return x
+
+
+def mlp_hidden(layers: list[dict], x: jax.Array, act: Callable) -> jax.Array:
+    """The MLP's last hidden activation on ``x`` (``act`` applied), or ``x`` itself for a one-layer MLP."""
+    return act(mlp_apply(layers[:-1], x, act)) if len(layers) > 1 else x
 
 
 def _check_positive(name: str, value) -> None:
@@ -160,14 +169,19 @@ def chunked(lay: Layout, chunk_size: int, task_emb_dim: int, chunk_emb_dim: int,
         return {"mlp": mlp_init(k1, sizes, True),
                 "chunk_emb": chunk_emb_std * jax.random.normal(k2, (num_chunks, chunk_emb_dim))}
 
+    def inputs(params, e):
+        return jnp.concatenate([jnp.broadcast_to(e, (num_chunks, task_emb_dim)), params["chunk_emb"]], axis=1)
+
     def flat(params, e):
-        inp = jnp.concatenate([jnp.broadcast_to(e, (num_chunks, task_emb_dim)), params["chunk_emb"]], axis=1)
-        return mlp_apply(params["mlp"], inp, activation).reshape(-1)[: lay.num_params]
+        return mlp_apply(params["mlp"], inputs(params, e), activation).reshape(-1)[: lay.num_params]
 
     def apply(params, e):
         return lay.unravel(flat(params, e))
 
-    return Hypernet(init, flat, apply, lay, num_chunks, chunk_size)
+    def hidden_act(params, e):
+        return mlp_hidden(params["mlp"], inputs(params, e), activation)
+
+    return Hypernet(init, flat, apply, lay, num_chunks, chunk_size, hidden_act)
 
 
 def plain(lay: Layout, task_emb_dim: int, hidden: Sequence[int] = (16,), use_bias: bool = False,
@@ -190,7 +204,17 @@ def plain(lay: Layout, task_emb_dim: int, hidden: Sequence[int] = (16,), use_bia
     def apply(params, e):
         return lay.unravel(flat(params, e))
 
-    return Hypernet(init, flat, apply, lay, 1, lay.num_params)
+    def hidden_act(params, e):
+        return mlp_hidden(params["mlp"], e[None], activation)
+
+    return Hypernet(init, flat, apply, lay, 1, lay.num_params, hidden_act)
+
+
+def generated_flat(hn: Hypernet, params: PyTree, e: jax.Array) -> jax.Array:
+    """``[num_params]``: the generated weights (after the layout's affine) as one flat vector, the
+    leaves concatenated in layout order; equals the raveled leaves of ``hn.apply(params, e)``."""
+    scale, shift = target_affine(hn.layout)
+    return shift + scale * hn.flat(params, e)
 
 
 def target_affine(lay: Layout) -> tuple[np.ndarray, np.ndarray]:
