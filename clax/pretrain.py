@@ -17,6 +17,13 @@ What accuracy. The report (returned, written beside the weights as JSON and kept
 methods that use it) gives the accuracy on 20% held-out glyphs; on the methods' default backbones it
 is reported in the README and BENCHMARKS.md.
 
+Which weights (:func:`pretrained_backbone`, the methods' setting ``pretrained``). A checkpoint the user
+gives (``backbone.pretrained=PATH``) is frozen exactly as loaded, bit for bit: glyph pretraining runs
+only when no checkpoint is given (``"auto"``, the default, or ``"glyphs"``; ``"glyphs"`` together with
+a checkpoint is refused, naming both settings), and ``"none"`` without a checkpoint is the random
+initialisation. The report (``results.json``'s ``pretrain``) says which: ``source`` is ``"file"`` (with
+the file's absolute ``path`` and ``sha256``), ``"glyphs"`` or ``"random"``.
+
 Cache. Weights and report are written to ``cache_dir`` (a run's workdir: ``<workdir>/pretrain``) under a
 name hashed from the backbone's definition and the pretraining settings, as Flax msgpack (no pickle),
 and reused by later runs; within one process the result is also kept in memory.
@@ -98,6 +105,10 @@ def pretrain(backbone: Backbone, steps: int = 300, seed: int = 0, batch_size: in
     """
     if steps < 1:
         raise ValueError(f"pretrain steps must be >= 1, got {steps}")
+    if backbone.pretrained:
+        raise ValueError(f"glyph pretraining starts from a random initialisation, but the backbone was built "
+                         f"with backbone.pretrained={backbone.pretrained!r} (a given checkpoint is frozen "
+                         f"exactly as loaded, never pretrained further)")
     t0 = time.perf_counter()
     x8, y = synthetic_glyphs(n_per_class, num_classes, seed)
     x = to_view(x8, backbone.input_shape)
@@ -186,25 +197,62 @@ def load(path: str, backbone: Backbone) -> tuple[PyTree, PyTree]:
     return jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats)
 
 
-def pretrained_backbone(backbone: Backbone, source: str = "glyphs", steps: int = 300, seed: int = 0,
-                        cache_dir: str = "") -> tuple[PyTree, PyTree, dict]:
+#: values of a frozen-backbone method's ``pretrained`` setting besides a path (see :func:`pretrained_backbone`)
+SOURCES = ("auto", "glyphs", "none")
+
+
+def _file_report(kind: str, path: str, sha256: str) -> dict:
+    return {"data": f"{kind} {os.path.abspath(path)} (frozen exactly as loaded; no pretraining)", "source": "file",
+            "path": os.path.abspath(path), "sha256": sha256, "steps": 0}
+
+
+def pretrained_backbone(backbone: Backbone, source: str = "auto", steps: int = 300, seed: int = 0,
+                        cache_dir: str = "", setting: str = "pretrained") -> tuple[PyTree, PyTree, dict]:
     """The frozen backbone's ``(params, batch_stats, report)``.
 
+    A checkpoint the user gives is frozen exactly as loaded: glyph pretraining runs only when no
+    checkpoint is given, and the report then names the file (absolute path) and its SHA-256.
+
     Args:
-      backbone: the backbone.
-      source: ``"glyphs"`` (offline pretraining, see the module docstring), ``"none"`` (the backbone's
-        own ``init``: the imported checkpoint when the backbone was built with ``pretrained=PATH``, else
-        the random initialisation, for ablations and fast tests) or a path to a ``.msgpack`` written by
-        :func:`save`.
-      steps, seed: pretraining settings (``"glyphs"`` only).
+      backbone: the backbone; ``backbone.pretrained`` is the checkpoint it was built with
+        (``backbone.pretrained=PATH``), ``""`` for none.
+      source:
+        ``"auto"``: the backbone's checkpoint where it has one, else ``"glyphs"``.
+        ``"glyphs"``: offline pretraining on synthetic glyphs (see the module docstring); refused when
+        the backbone has a checkpoint (the two settings contradict each other).
+        ``"none"``: no pretraining: the backbone's checkpoint where it has one, else its random
+        initialisation (key ``seed``; for ablations and fast tests); the report says which.
+        A path: a ``.msgpack`` written by :func:`save`; refused when the backbone has a checkpoint too.
+      steps, seed: pretraining settings (``"glyphs"`` only; ``seed`` also keys the random initialisation).
       cache_dir: where pretrained weights are cached (``""``: only in this process's memory).
+      setting: the setting's name for error messages (``"clr.pretrained"``).
+
+    Raises:
+      ValueError: a contradictory combination, naming both settings; a missing or unfitting file.
     """
+    ckpt = backbone.pretrained
+    if ckpt:
+        if source in ("auto", "none"):
+            params, stats = backbone.init(jax.random.PRNGKey(seed))  # the loaded arrays, untouched
+            return params, stats, _file_report("checkpoint", ckpt, backbone.pretrained_sha256)
+        what = ("pretrain the backbone on synthetic glyphs" if source == "glyphs"
+                else f"load other weights from {source!r}")
+        raise ValueError(f"{setting}={source!r} would {what}, but backbone.pretrained={ckpt!r} gives the "
+                         f"weights to freeze, and a given checkpoint is frozen exactly as loaded: set "
+                         f"{setting}=auto (or none) to use the checkpoint, or unset backbone.pretrained")
     if source == "none":
         params, stats = backbone.init(jax.random.PRNGKey(seed))
-        return params, stats, {"data": "none (random initialisation)", "steps": 0}
-    if source != "glyphs":
+        return params, stats, {"data": f"none (random initialisation, key {seed}; no checkpoint, no pretraining)",
+                               "source": "random", "seed": int(seed), "steps": 0}
+    if source not in ("auto", "glyphs"):
+        from clax.models.pretrained import file_sha256
+
+        if not os.path.isfile(source):
+            raise ValueError(f"{setting}={source!r}: no such file (valid: a .msgpack written by "
+                             f"clax.pretrain.save, or one of {', '.join(SOURCES)})")
+        digest = file_sha256(source)
         params, stats = load(source, backbone)
-        return params, stats, {"data": f"checkpoint {source}"}
+        return params, stats, _file_report("clax weights", source, digest)
     key = cache_key(backbone, steps, seed)
     if key in _MEMO:
         return _MEMO[key]
@@ -212,9 +260,10 @@ def pretrained_backbone(backbone: Backbone, source: str = "glyphs", steps: int =
     if path and os.path.isfile(path):
         params, stats = load(path, backbone)
         with open(os.path.join(cache_dir, key + ".json")) as f:
-            report = {**json.load(f), "cached": path}
+            report = {"source": "glyphs", **json.load(f), "cached": path}
     else:
         params, stats, report = pretrain(backbone, steps, seed)
+        report = {"source": "glyphs", **report}
         if path:
             save(path, params, stats, report)
     _MEMO[key] = (params, stats, report)

@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from battery import assert_no_recompile_after_first_task, assert_zero_forgetting, quick_run
+from battery import assert_no_recompile_after_first_task, assert_zero_forgetting, quick_config, quick_run
+from test_pretrained import as_state_dict, assert_is_checkpoint, file_sha256, save_safetensors
 from clax.config import apply_overrides
 from clax.data import get_benchmark
 from clax.methods import get_method
@@ -20,8 +21,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def til():
-    return quick_run("clr", scenario="til", epochs=2, sets=TINY, num_tasks=3)
+def checkpoint(tmp_path_factory):
+    """``(state dict, path)``: a tiny ResNet-18 (nf=4, CIFAR stem) as a torchvision-layout .safetensors,
+    its values a random initialisation of another key than clr's own (so ignoring the file shows)."""
+    params, stats = get_backbone("resnet18", (32, 32, 3), nf=4).init(jax.random.PRNGKey(7))
+    sd = as_state_dict(params, stats)
+    return sd, save_safetensors(sd, str(tmp_path_factory.mktemp("ckpt") / "resnet18.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def til(checkpoint):
+    """The run the tests below share: its frozen backbone is an imported checkpoint (clr.pretrained at its
+    default)."""
+    return quick_run("clr", scenario="til", epochs=2, sets=["backbone.nf=4", f"backbone.pretrained={checkpoint[1]}",
+                                                             "train.lr=0.01"], num_tasks=3)
 
 
 def test_zero_forgetting_bit_for_bit(til):
@@ -33,7 +46,6 @@ def test_learns_each_task_and_no_recompile(til):
     assert np.mean(np.diag(til["accuracy_matrix"])) > 0.75, til["accuracy_matrix"]
     assert_no_recompile_after_first_task(til)
     assert til["timing"]["traces"] == {"train_step": 1, "eval_step": 1}
-    assert til["report"]["pretrain"]["steps"] == 0
 
 
 def test_pretraining_is_cached_on_disk_and_reloaded(tmp_path):
@@ -55,6 +67,67 @@ def test_backbone_is_frozen_and_only_task_rows_change(til):
     jax.tree.map(np.testing.assert_array_equal, cl.frozen, fresh.frozen)
     k = cl.per_task["reprogram"]["resnet.layer1_0.conv1"]
     assert not np.array_equal(k[0], k[2]) and cl.shared == {}
+
+
+def test_given_checkpoint_is_frozen_exactly_as_loaded(til, checkpoint):
+    """backbone.pretrained=PATH with the default clr.pretrained ("auto"): no glyph pretraining; the run
+    trains with the file's values bit for bit and reports the file and its SHA-256."""
+    sd, path = checkpoint
+    assert til["cfg"]["clr"]["pretrained"] == "auto"
+    assert_is_checkpoint(til["state"].cl.frozen["backbone"], sd)  # after the run
+    start = til["method"].init(jax.random.PRNGKey(0))  # what fit() starts from: BatchNorm rows from the file
+    for t in range(3):
+        for part in (start.per_task["bn"], start.state["bn"]):  # {"resnet.layer1_0.bn1": {scale, bias | mean, var}}
+            assert_is_checkpoint({k: {n: v[t] for n, v in row.items()} for k, row in part.items()}, sd)
+    rep = til["report"]["pretrain"]  # results.json's "pretrain"
+    assert rep["source"] == "file" and rep["steps"] == 0
+    assert rep["path"] == os.path.abspath(path) and rep["sha256"] == file_sha256(path)
+    assert path in rep["data"] and "random" not in rep["data"]
+
+
+def test_none_without_a_checkpoint_is_reported_as_random_initialisation():
+    bench = get_benchmark("split-digits", view="image")
+    ctx = make_context(get_backbone("resnet18", bench.input_shape, nf=4), bench, "til")
+    meth = get_method("clr", ctx, pretrained="none")
+    rep = meth.report(meth.init(jax.random.PRNGKey(0)))["pretrain"]
+    assert rep["steps"] == 0 and rep["source"] == "random" and "random initialisation" in rep["data"]
+    assert "path" not in rep and "sha256" not in rep
+
+
+def test_none_with_a_checkpoint_uses_it_and_glyphs_with_one_is_refused(checkpoint, tmp_path, monkeypatch):
+    """clr.pretrained=none + a file: the file, frozen as loaded and named in the report; glyphs + a file:
+    an error naming both settings. Neither pretrains nor writes anything (what ``clax eval`` rebuilds)."""
+    from clax import pretrain
+
+    sd, path = checkpoint
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("glyph pretraining ran")
+
+    monkeypatch.setattr(pretrain, "pretrain", no_pretraining)
+    pre_dir = tmp_path / "pretrain"
+    base = ["backbone.nf=4", f"backbone.pretrained={path}", f"clr.pretrain_dir={pre_dir}"]
+    for value in ("none", "auto"):
+        _, _, meth = build(quick_config("clr", sets=base + [f"clr.pretrained={value}"]))
+        cl = meth.init(jax.random.PRNGKey(0))
+        assert_is_checkpoint(cl.frozen["backbone"], sd)
+        rep = meth.report(cl)["pretrain"]
+        assert rep["sha256"] == file_sha256(path) and rep["path"] == os.path.abspath(path), rep
+    assert not pre_dir.exists()
+    with pytest.raises(ValueError, match=r"clr\.pretrained='glyphs'.*backbone\.pretrained="):
+        build(quick_config("clr", sets=base + ["clr.pretrained=glyphs"]))
+    other = tmp_path / "w.msgpack"
+    bb = get_backbone("resnet18", (32, 32, 3), nf=4)
+    pretrain.save(str(other), *bb.init(jax.random.PRNGKey(0)))
+    with pytest.raises(ValueError, match=r"clr\.pretrained='.*w\.msgpack'.*backbone\.pretrained="):
+        build(quick_config("clr", sets=base + [f"clr.pretrained={other}"]))
+    # a clax .msgpack without a backbone checkpoint: loaded as written, named with its SHA-256
+    _, _, meth = build(quick_config("clr", sets=["backbone.nf=4", f"clr.pretrained={other}"]))
+    cl = meth.init(jax.random.PRNGKey(1))
+    want = pretrain.load(str(other), bb)[0]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a).view(np.uint32),
+                                                            np.asarray(b).view(np.uint32)), cl.frozen["backbone"], want)
+    assert meth.report(cl)["pretrain"]["sha256"] == file_sha256(str(other))
 
 
 def test_predict_for_untrained_task_names_it(til):
@@ -87,7 +160,6 @@ def test_cil_is_refused_with_the_scenario_named():
 
 
 def quick_cfg():
-    from battery import quick_config
     return quick_config("clr", sets=TINY)
 
 

@@ -2,12 +2,15 @@
 google-research/vision_transformer, timm and torchvision state-dict names and shapes, the CLIP image
 tower), load into clax and give the features of an independent reference forward (numpy, or torch for
 the ResNet) on the same input, to 1e-4."""
+import hashlib
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from clax.models import get_backbone
 from clax.models.pretrained import checkpoint_kind
@@ -112,16 +115,16 @@ def ref_npz(sd, x):
 
 # ----- checkpoints in the real layouts -----
 
-def timm_state_dict(tokens=5, dim=D):
-    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, tokens, dim), "patch_embed.proj.weight": r(dim, 3, P, P),
+def timm_state_dict(tokens=5, dim=D, depth=DEPTH, patch=P, mlp=MLP):
+    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, tokens, dim), "patch_embed.proj.weight": r(dim, 3, patch, patch),
           "patch_embed.proj.bias": r(dim), "norm.weight": 1 + r(dim), "norm.bias": r(dim),
           "head.weight": r(10, dim), "head.bias": r(10)}
-    for i in range(DEPTH):
+    for i in range(depth):
         b = f"blocks.{i}."
         sd |= {b + "norm1.weight": 1 + r(dim), b + "norm1.bias": r(dim), b + "attn.qkv.weight": r(3 * dim, dim),
                b + "attn.qkv.bias": r(3 * dim), b + "attn.proj.weight": r(dim, dim), b + "attn.proj.bias": r(dim),
-               b + "norm2.weight": 1 + r(dim), b + "norm2.bias": r(dim), b + "mlp.fc1.weight": r(MLP, dim),
-               b + "mlp.fc1.bias": r(MLP), b + "mlp.fc2.weight": r(dim, MLP), b + "mlp.fc2.bias": r(dim)}
+               b + "norm2.weight": 1 + r(dim), b + "norm2.bias": r(dim), b + "mlp.fc1.weight": r(mlp, dim),
+               b + "mlp.fc1.bias": r(mlp), b + "mlp.fc2.weight": r(dim, mlp), b + "mlp.fc2.bias": r(dim)}
     return sd
 
 
@@ -203,6 +206,57 @@ def ref_resnet_torch(sd, x):
     return h.mean((2, 3)).numpy()
 
 
+# ----- a checkpoint's own values, found by name in the file (independent of clax's converters) -----
+
+def torch_name(path: str) -> str:
+    """The timm / torchvision state-dict key of clax parameter ``path`` (``"/"``-joined)."""
+    *mods, leaf = path.removeprefix("resnet/").split("/")
+    mods = [re.sub(r"^(blocks|layer\d)_(\d+)$", r"\1.\2", m) for m in mods]
+    mods = [{"downsample_conv": "downsample.0", "downsample_bn": "downsample.1",
+             "patch_embed": "patch_embed.proj"}.get(m, m) for m in mods]
+    leaf = {"kernel": "weight", "scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
+    return ".".join(mods + [leaf])
+
+
+def checkpoint_value(sd: dict, path: str) -> np.ndarray:
+    """The file's array for clax parameter ``path``, in clax's layout (conv [kh, kw, in, out], dense [in, out])."""
+    a = np.asarray(sd[torch_name(path)])
+    if a.ndim == 4:
+        return a.transpose(2, 3, 1, 0)
+    return a.T if path.endswith("kernel") and a.ndim == 2 else a
+
+
+def assert_is_checkpoint(tree, sd: dict) -> None:
+    """Every float32 leaf of ``tree`` (nested dicts; keys may be ``"."``-joined paths) is bit for bit the
+    file's value."""
+    flat = {"/".join(k).replace(".", "/"): v for k, v in flatten_dict(tree).items()}
+    assert flat
+    for path, leaf in flat.items():
+        got, want = np.asarray(leaf), checkpoint_value(sd, path)
+        assert got.dtype == np.float32 and got.shape == want.shape, (path, got.dtype, got.shape, want.shape)
+        np.testing.assert_array_equal(got.view(np.uint32), np.ascontiguousarray(want).view(np.uint32), err_msg=path)
+
+
+def as_state_dict(*trees) -> dict:
+    """clax backbone trees (params, batch_stats) written under timm / torchvision names and layouts (the
+    inverse of :func:`checkpoint_value`): a checkpoint file in the real format with chosen values."""
+    sd = {}
+    for tree in trees:
+        for k, v in flatten_dict(tree).items():
+            path, a = "/".join(k), np.asarray(v)
+            if a.ndim == 4:
+                a = a.transpose(3, 2, 0, 1)
+            elif path.endswith("kernel") and a.ndim == 2:
+                a = a.T
+            sd[torch_name(path)] = np.ascontiguousarray(a)
+    return sd
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def features(bb, x):
     params, stats = bb.init(jax.random.PRNGKey(1))
     return np.asarray(bb.apply(params, stats, jnp.asarray(x), False)[0])
@@ -220,7 +274,9 @@ def test_timm_vit_safetensors_matches_reference(tmp_path, x_vit):
     sd = timm_state_dict()
     path = save_safetensors(sd, str(tmp_path / "vit.safetensors"))
     assert checkpoint_kind(path) == "timm_vit"
-    got = features(get_backbone("vit", (IMG, IMG, 3), **VIT, pretrained=path), x_vit)
+    bb = get_backbone("vit", (IMG, IMG, 3), **VIT, pretrained=path)
+    assert_is_checkpoint(bb.init(jax.random.PRNGKey(0))[0], sd)
+    got = features(bb, x_vit)
     np.testing.assert_allclose(got, ref_timm(sd, x_vit), atol=1e-4, rtol=1e-4)
 
 
@@ -249,6 +305,8 @@ def test_torchvision_resnet18_safetensors_matches_torch(tmp_path):
     bb = get_backbone("resnet18", (32, 32, 3), nf=4, stem="imagenet", pretrained=path)
     params, stats = bb.init(jax.random.PRNGKey(0))
     np.testing.assert_array_equal(np.asarray(stats["resnet"]["bn1"]["var"]), sd["bn1.running_var"])
+    assert_is_checkpoint(params, sd), assert_is_checkpoint(stats, sd)  # the helper the methods' tests use
+    assert bb.pretrained == path and bb.pretrained_sha256 == file_sha256(path)
     np.testing.assert_allclose(features(bb, x), ref_resnet_torch(sd, x), atol=1e-4, rtol=1e-4)
 
 

@@ -12,15 +12,47 @@ from clax.config import apply_overrides
 from clax.methods.frozen import checked_predict
 from clax.runner import build
 from clax.transforms import binary_mask
+from clax.models import get_backbone
 from test_clr import run_two_tasks
+from test_pretrained import as_state_dict, assert_is_checkpoint, file_sha256, save_safetensors
 
 TINY = ["backbone.dim=32", "backbone.heads=2", "soft_tf.pretrained=none"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def til():
-    return quick_run("soft_tf", scenario="til", epochs=2, sets=TINY, num_tasks=3)
+def checkpoint(tmp_path_factory):
+    """``(state dict, path)``: the tiny ViT of ``TINY`` as a timm-layout .safetensors, its values a random
+    initialisation of another key than soft_tf's own (so ignoring the file shows)."""
+    params, _ = get_backbone("vit", (32, 32, 3), dim=32, heads=2, depth=3).init(jax.random.PRNGKey(7))
+    sd = as_state_dict(params)
+    return sd, save_safetensors(sd, str(tmp_path_factory.mktemp("ckpt") / "vit.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def til(checkpoint):
+    """The run the tests below share: its frozen ViT is an imported checkpoint (soft_tf.pretrained at its
+    default)."""
+    return quick_run("soft_tf", scenario="til", epochs=2, num_tasks=3,
+                     sets=["backbone.dim=32", "backbone.heads=2", f"backbone.pretrained={checkpoint[1]}"])
+
+
+def test_given_checkpoint_is_frozen_exactly_as_loaded(til, checkpoint):
+    """backbone.pretrained=PATH with the default soft_tf.pretrained ("auto"): no glyph pretraining; the
+    run trains with the file's values bit for bit and reports the file and its SHA-256."""
+    sd, path = checkpoint
+    assert til["cfg"]["soft_tf"]["pretrained"] == "auto"
+    assert_is_checkpoint(til["state"].cl.frozen["backbone"], sd)  # after the run
+    assert_is_checkpoint(til["method"].init(jax.random.PRNGKey(0)).frozen["backbone"], sd)  # what fit() starts from
+    rep = til["report"]["pretrain"]  # results.json's "pretrain"
+    assert rep["source"] == "file" and rep["steps"] == 0
+    assert rep["path"] == os.path.abspath(path) and rep["sha256"] == file_sha256(path)
+
+
+def test_glyphs_with_a_checkpoint_is_refused_naming_both_settings(checkpoint):
+    with pytest.raises(ValueError, match=r"soft_tf\.pretrained='glyphs'.*backbone\.pretrained="):
+        build(quick_config("soft_tf", sets=["backbone.dim=32", "backbone.heads=2",
+                                            f"backbone.pretrained={checkpoint[1]}", "soft_tf.pretrained=glyphs"]))
 
 
 def test_zero_forgetting_bit_for_bit_and_no_recompile(til):

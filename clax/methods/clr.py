@@ -12,8 +12,12 @@ State: ``frozen["backbone"]`` (the pretrained weights), ``per_task`` = ``reprogr
 updated during task ``t``, so every earlier task's outputs stay bit-for-bit unchanged.
 
 TIL only: the task id picks the reprogramming, the BatchNorm and the head. Where the frozen backbone
-comes from: settings ``pretrained`` (``"glyphs"``: offline pretraining, see :mod:`clax.pretrain`; a
-``.msgpack`` path; ``"none"``), ``pretrain_steps``, ``pretrain_seed``, ``pretrain_dir``.
+comes from: a checkpoint given as ``backbone.pretrained=PATH`` is frozen exactly as loaded (the BatchNorm
+rows start from its scale, bias and running statistics); without one, setting ``pretrained``
+(``"auto"``, the default, and ``"glyphs"``: offline pretraining on synthetic glyphs, see
+:mod:`clax.pretrain`; ``"none"``: the random initialisation; a ``.msgpack`` path) with
+``pretrain_steps``, ``pretrain_seed``, ``pretrain_dir``. ``pretrained="glyphs"`` together with a
+checkpoint is refused. results.json's ``pretrain`` names the source (a file with its SHA-256).
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ def clr(ctx: Context, **settings) -> Method:
         raise ValueError(f"method 'clr' supports scenario 'til' only (its task id picks the reprogramming), "
                          f"got scenario {ctx.scenario!r}")
     T = ctx.num_tasks
-    params, stats, pre_report = frozen_backbone(ctx, s)
+    params, stats, pre_report = frozen_backbone(ctx, s, "clr")
     module = ctx.backbone.module
     out_mask = ctx.output_mask()
 

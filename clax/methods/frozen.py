@@ -12,14 +12,18 @@ from clax.methods.base import Context, Method
 from clax.partition import CLState
 from clax.pretrain import pretrained_backbone
 
-#: settings every frozen-backbone method has (see :func:`clax.pretrain.pretrained_backbone`)
-PRETRAIN_DEFAULTS = {"pretrained": "glyphs", "pretrain_steps": 200, "pretrain_seed": 0, "pretrain_dir": ""}
+#: settings every frozen-backbone method has (see :func:`clax.pretrain.pretrained_backbone`): ``pretrained``
+#: is ``"auto"`` (the checkpoint of ``backbone.pretrained=PATH`` frozen as loaded, else glyph pretraining),
+#: ``"glyphs"``, ``"none"`` or a ``.msgpack`` path.
+PRETRAIN_DEFAULTS = {"pretrained": "auto", "pretrain_steps": 200, "pretrain_seed": 0, "pretrain_dir": ""}
 
 
-def frozen_backbone(ctx: Context, s: dict):
-    """``(params, batch_stats, pretraining report)`` of the frozen backbone described by settings ``s``."""
+def frozen_backbone(ctx: Context, s: dict, method: str):
+    """``(params, batch_stats, pretraining report)`` of the frozen backbone described by settings ``s`` of
+    method ``method`` (named in errors as ``<method>.pretrained``). A checkpoint given as
+    ``backbone.pretrained`` is returned exactly as loaded; its report names the file and its SHA-256."""
     return pretrained_backbone(ctx.backbone, s["pretrained"], int(s["pretrain_steps"]), int(s["pretrain_seed"]),
-                               s["pretrain_dir"])
+                               s["pretrain_dir"], setting=f"{method}.pretrained")
 
 
 def mark_trained(cl: CLState, t: int) -> CLState:

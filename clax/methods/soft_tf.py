@@ -40,6 +40,12 @@ CIL: the task id is inferred per sample, by ``task_inference``:
 With prompts, ``"entropy"`` superimposes the E-prompts with the same weights ``alpha`` as the masks.
 results.json reports the task-id accuracy and the class accuracy of every available rule
 (``task_inference``).
+
+The frozen ViT: a checkpoint given as ``backbone.pretrained=PATH`` is frozen exactly as loaded; without
+one, setting ``pretrained`` (``"auto"``, the default, and ``"glyphs"``: offline pretraining on synthetic
+glyphs, :mod:`clax.pretrain`; ``"none"``: the random initialisation; a ``.msgpack`` path) with
+``pretrain_steps``, ``pretrain_seed``, ``pretrain_dir``. ``pretrained="glyphs"`` together with a
+checkpoint is refused. results.json's ``pretrain`` names the source (a file with its SHA-256).
 """
 from __future__ import annotations
 
@@ -119,7 +125,7 @@ def soft_tf(ctx: Context, **settings) -> Method:
     binary = bool(s["binary"])
     keep = binary_mask.check_fraction("soft_tf.keep", s["keep"]) if binary else None
     T, C, cil = ctx.num_tasks, ctx.num_outputs, ctx.scenario == "cil"
-    params, stats, pre_report = frozen_backbone(ctx, s)
+    params, stats, pre_report = frozen_backbone(ctx, s, "soft_tf")
     filt = s["mask_filter"] or block_filter(params, int(s["masked_blocks"]))
     soft_mask.select(params, filt)  # a filter that matches nothing is refused here, naming it
     use_prompts = bool(s["prompts"])

@@ -31,6 +31,9 @@ class Backbone(NamedTuple):
       init: ``key -> (params, batch_stats)``.
       apply: ``(params, batch_stats, x, train, **kwargs) -> (features [B, feature_dim], new_batch_stats)``;
         keyword arguments go to the module's call (the ViT's ``prompts``).
+      pretrained: the checkpoint file that ``init`` returns (``backbone.pretrained=PATH``), ``""`` when
+        ``init`` is a random initialisation.
+      pretrained_sha256: the SHA-256 (hex) of that file's bytes as read when the backbone was built.
     """
 
     name: str
@@ -40,6 +43,8 @@ class Backbone(NamedTuple):
     view: str
     init: Callable[[jax.Array], tuple[PyTree, PyTree]]
     apply: Callable[..., tuple[jax.Array, PyTree]]
+    pretrained: str = ""
+    pretrained_sha256: str = ""
 
 
 def from_module(name: str, module: nn.Module, input_shape, view: str) -> Backbone:
@@ -85,8 +90,10 @@ def backbone_view(name: str) -> str:
 def get_backbone(name: str, input_shape, **settings) -> Backbone:
     """Builds backbone ``name`` for inputs of ``input_shape``; ``settings`` override its defaults.
 
-    ``pretrained=PATH`` (resnet18, vit) makes ``init`` return the checkpoint's weights (see
-    :mod:`clax.models.pretrained`); the checkpoint is read and checked against the shapes here.
+    ``pretrained=PATH`` (resnet18, vit) makes ``init`` return the checkpoint's weights, whatever the
+    key (see :mod:`clax.models.pretrained`); the checkpoint is read and checked against the shapes
+    here, and the backbone records the path and the SHA-256 of the file (``Backbone.pretrained``,
+    ``Backbone.pretrained_sha256``) so that runs can report which weights they used.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}")
@@ -105,9 +112,12 @@ def get_backbone(name: str, input_shape, **settings) -> Backbone:
     bb = from_module(name, module, input_shape, view)
     if not pretrained:
         return bb
+    from clax.models.pretrained import file_sha256
+
     shapes = jax.eval_shape(bb.init, jax.random.PRNGKey(0))
+    digest = file_sha256(pretrained)
     loaded = load_into(pretrained, *shapes)
-    return bb._replace(init=lambda key: loaded)
+    return bb._replace(init=lambda key: loaded, pretrained=pretrained, pretrained_sha256=digest)
 
 
 __all__ = ["BACKBONES", "Backbone", "MLP", "ResNet18", "ResNet32", "ViT", "backbone_view", "from_module",

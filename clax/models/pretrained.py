@@ -23,6 +23,7 @@ the first mismatching parameter.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import Any
@@ -33,6 +34,21 @@ PyTree = Any
 
 #: Module settings that a checkpoint kind implies for the clax ViT (CLIP differs from timm).
 VIT_OVERRIDES = {"clip": {"eps": 1e-5, "act": "quick_gelu", "ln_pre": True, "patch_bias": False}}
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 (hex) of the bytes of the file at ``path`` (read in 1 MiB blocks).
+
+    Raises:
+      ValueError: there is no such file.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"pretrained checkpoint {path} does not exist")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_checkpoint(path: str) -> dict[str, np.ndarray]:
