@@ -17,8 +17,11 @@ with ``D`` a decoder MLP (one hidden layer of ``decoder_hidden``, ReLU) and one 
   ``[e_t; c_i]`` over all chunks ``i`` when the hypernetwork has no hidden layer (their ResNet-32
   one); ``L_emb`` then reaches the hypernetwork and the chunk embeddings as well as ``e_t``
   (``cifar/train/train_Hemb.py:train``: ``hnet.forward(task_id, emb_reg=True).view(-1)`` fed to the
-  ``EmbDecoder`` of ``cifar/train/fc_decoder.py``; ``utils/chunked_hyper_model.py:forward`` and
-  ``utils/hyper_model.py:forward`` with ``emb_reg=True`` return that activation).
+  ``EmbDecoder`` of ``cifar/train/fc_decoder.py``, input size ``hnet.get_hidden_dim()``;
+  ``utils/chunked_hyper_model.py:ChunkedHyperNetworkHandler.forward`` and
+  ``utils/hyper_model.py:HyperNetwork.forward`` with ``emb_reg=True`` return that activation, the
+  input ``cat([task_emb, chunk_emb])`` itself where ``--hnet_arch`` is empty, as
+  ``utils/sim_utils.py:get_hnet_model`` builds it for ResNet-32).
   ``"embedding"``: ``D(e_t)`` on the task embedding alone (clax's earlier choice).
 * ``decoder``: ``"per_task"`` (default, the authors'): a fresh decoder at the start of every task
   from the third on (PyTorch ``nn.Linear``'s default initialisation, uniform within
