@@ -55,3 +55,15 @@ def test_images_of_the_wrong_shape_are_refused_naming_the_shape():
         Benchmark("mine", (good,), 2, (32, 32, 3))
     with pytest.raises(ValueError, match="y_train has shape"):
         Task(0, (0, 1), x, np.array([0, 1]), x, np.array([0, 1, 0, 1]))
+
+
+def test_eval_batches_pad_with_the_batch_own_samples_and_mask_them():
+    from clax.data import eval_batches
+
+    x = np.arange(10, dtype=np.float32).reshape(5, 2) + 1
+    y = np.arange(5)
+    batches = list(eval_batches(x, y, 4))
+    last = batches[-1]
+    np.testing.assert_array_equal(last["x"], x[[4, 4, 4, 4]])  # one real sample, repeated: no zeros
+    np.testing.assert_array_equal(last["w"], [1, 0, 0, 0])
+    assert sum(float(b["w"].sum()) for b in batches) == 5

@@ -161,14 +161,18 @@ def train_batches(
 
 
 def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[dict]:
-    """Ordered batches padded to ``batch_size``; ``w`` is 1 for real samples and 0 for padding."""
+    """Ordered batches padded to ``batch_size``; ``w`` is 1 for real samples and 0 for padding.
+
+    The padding repeats the batch's own samples (not zeros), so that a prediction that depends on the
+    whole batch (BatchNorm with test-batch statistics, ``bn=batch``) sees only real inputs."""
     n = x.shape[0]
     for s in range(0, n, batch_size):
         xb, yb = x[s:s + batch_size], y[s:s + batch_size]
         pad = batch_size - xb.shape[0]
         w = np.ones(batch_size, np.float32)
         if pad:
-            xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
-            yb = np.concatenate([yb, np.zeros((pad,), yb.dtype)])
+            fill = np.arange(pad) % xb.shape[0]
+            xb = np.concatenate([xb, xb[fill]])
+            yb = np.concatenate([yb, yb[fill]])
             w[batch_size - pad:] = 0
         yield {"x": xb, "y": yb, "w": w}
