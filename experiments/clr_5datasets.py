@@ -6,7 +6,7 @@ depthwise 3x3 reprogramming, BatchNorm and head; Adam lr 1e-3 with x0.1 step dec
 epochs, weight decay 1e-5, 60 epochs, batch 32.
 
     python experiments/clr_5datasets.py --workdir runs/clr-5datasets \
-        --set backbone.pretrained=/path/to/resnet18_imagenet.safetensors --set clr.pretrained=none
+        --set backbone.pretrained=/path/to/resnet18_imagenet.safetensors
 
 Compare with: the paper's claim of no forgetting at under 0.6% extra parameters per task (its
 53-task SKILL results); BWT must be exactly 0.0. Not run here (needs the data and a GPU); the same

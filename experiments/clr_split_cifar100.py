@@ -7,7 +7,7 @@ lr 1e-3 with x0.1 step decay every 20 epochs, weight decay 1e-5 on the task para
 batch 32.
 
     python experiments/clr_split_cifar100.py --workdir runs/clr-cifar100 \
-        --set backbone.pretrained=/path/to/resnet18_imagenet.safetensors --set clr.pretrained=none
+        --set backbone.pretrained=/path/to/resnet18_imagenet.safetensors
 
 Compare with: the paper reports CLR on its 53-task SKILL benchmark (about 0.6% extra parameters per
 task, no forgetting); on Split-CIFAR100 expect BWT exactly 0.0 and per-task accuracy set by the

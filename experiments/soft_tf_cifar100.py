@@ -11,7 +11,7 @@ trains the G-prompts in the first task only, so TIL forgets nothing; the authors
 them in every task (``--set soft_tf.g_prompt_tasks=all``).
 
     python experiments/soft_tf_cifar100.py --workdir runs/soft-tf-cifar100 \
-        --set backbone.pretrained=/path/to/ViT-B_16.npz --set soft_tf.pretrained=none
+        --set backbone.pretrained=/path/to/ViT-B_16.npz
     python experiments/soft_tf_cifar100.py --set scenario=til --set soft_tf.binary=true
     python experiments/soft_tf_cifar100.py --set soft_tf.prompts=false --set soft_tf.task_inference=ncm  # masks only
 

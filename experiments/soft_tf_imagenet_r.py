@@ -7,7 +7,7 @@ blocks 0-1, one E-prompt layer at block 5, prompt length 20 (the authors' G-prom
 has one length for both); CIL infers the task id by prompt-key matching.
 
     python experiments/soft_tf_imagenet_r.py --workdir runs/soft-tf-imr \
-        --set backbone.pretrained=/path/to/ViT-B_16.npz --set soft_tf.pretrained=none
+        --set backbone.pretrained=/path/to/ViT-B_16.npz
 
 Compare with: the Soft-TF rows of the paper's 10-split ImageNet-R table; TIL BWT must be exactly 0.0. Not run here (needs the data and a GPU); the same config
 runs at tiny scale on the offline digits in tests/test_soft_tf.py.
