@@ -97,6 +97,7 @@ def test_prototype_step_moves_only_old_prototypes(built):
     (["pah.proto_input=crop"], "pah.proto_input"),
     (["pah.proto_input=native"], "pah.proto_input='native' needs an image backbone"),  # the MLP takes flat inputs
     (["pah.hidden=[16,0]"], "pah.hidden"),
+    (["pah.bn=refresh"], "pah.bn"),
 ])
 def test_bad_settings(sets, needle):
     with pytest.raises(ValueError, match=needle):
@@ -232,21 +233,27 @@ def test_former_clax_choices_stay_as_settings():
 
 
 def _recording_backbone(ctx, seen):
+    """``ctx`` whose backbone records ``(input shape, train)`` of every call (also while traced)."""
     bb = ctx.backbone
 
     def apply(params, stats, x, train=False, **kw):
-        seen.append(tuple(x.shape))
+        seen.append((tuple(x.shape), bool(train)))
         return bb.apply(params, stats, x, train, **kw)
 
     return ctx._replace(backbone=bb._replace(apply=apply))
 
 
+def _tiny_resnet(sets=()):
+    return quick_config("pah", scenario="til", sets=["backbone.name=resnet18", "backbone.nf=4", *sets])
+
+
 @pytest.mark.parametrize("proto_input, side", [("resize", 32), ("native", 10)])
-def test_prototypes_reach_the_backbone_resized_or_native(proto_input, side):
+@pytest.mark.parametrize("bn", ["running", "batch"])
+def test_prototype_pass_input_and_statistics(proto_input, side, bn):
     """The paper resizes the prototypes to the input's size; the authors' code feeds them at 10x10
-    (``proto_input=native``, for image backbones that accept it)."""
-    cfg = quick_config("pah", scenario="til", sets=["backbone.name=resnet18", "backbone.nf=4",
-                                                    f"pah.proto_input={proto_input}"])
+    (``proto_input=native``). ``bn=running`` runs all tasks' prototypes in eval mode; ``bn=batch``
+    (the authors' code) normalises each task's C prototypes by their own batch statistics."""
+    cfg = _tiny_resnet([f"pah.proto_input={proto_input}", f"pah.bn={bn}"])
     bench, ctx, _ = build(cfg)
     seen = []
     meth = pah(_recording_backbone(ctx, seen), **cfg["pah"])
@@ -254,4 +261,23 @@ def test_prototypes_reach_the_backbone_resized_or_native(proto_input, side):
     batch = {"x": jnp.zeros((4, 32, 32, 3)), "y": jnp.zeros(4, jnp.int32), "tid": jnp.ones(4, jnp.int32)}
     seen.clear()
     jax.eval_shape(meth.post_update, cl, batch, jax.random.PRNGKey(0), jnp.int32(1))
-    assert (5 * 2, side, side, 3) in seen, seen  # every task's 2 prototypes, 3 channels
+    if bn == "running":  # every task's 2 prototypes, 3 channels, one eval-mode pass
+        assert set(seen) == {((5 * 2, side, side, 3), False)}, seen
+    else:  # one pass per task (vmapped: the traced shape is one task's), batch statistics
+        assert set(seen) == {((2, side, side, 3), True)}, seen
+
+
+@pytest.mark.parametrize("bn", ["running", "batch"])
+def test_bn_batch_makes_a_prediction_depend_on_its_batch(bn):
+    """``bn=batch`` (the authors' code never calls eval()): a test image's logits change with the other
+    images of its batch; ``bn=running`` (default): they do not."""
+    bench, ctx, meth = build(_tiny_resnet([f"pah.bn={bn}"]))
+    cl = meth.init(jax.random.PRNGKey(0))
+    x = jnp.asarray(bench.tasks[0].x_test[:8])
+    tid = jnp.zeros(8, jnp.int32)
+    a = np.asarray(meth.predict(cl, x, tid))[0]
+    b = np.asarray(meth.predict(cl, x.at[1:].set(x[1:][::-1] * 2.0), tid))[0]
+    if bn == "running":
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    else:
+        assert np.abs(a - b).max() > 1e-4, (a, b)

@@ -33,17 +33,24 @@ a setting, and the defaults are the authors' (paper: alpha 0.5, T 2, 10x10x1 sem
 * ``proto_input``: ``"resize"`` (default; the paper: prototypes "repeated to the input's channels
   and resized") or ``"native"`` (the authors' code: fed at ``proto_size`` without resizing; image
   backbones that accept that size only, e.g. ResNet-18 with global pooling).
+* ``bn``: ``"running"`` (default, clax) or ``"batch"`` (the authors' code, which never calls
+  ``eval()``): the BatchNorm statistics of every forward pass outside the training batch's own (the
+  test predictions, the teacher on the current batch, the prototype pass). With ``"batch"`` a test
+  prediction depends on the other test images of its evaluation batch (clax pads the last batch with
+  repeats of its own images), and the prototype pass normalises each task's ``C`` prototypes as one
+  batch, as their ``pass_prototypes(task_id)`` does. clax keeps ``"running"`` as the default so that a
+  prediction is a function of its image alone. Backbones without BatchNorm (the MLP on the offline
+  digits) are unaffected.
 
-Where clax deliberately differs from the authors' code: it evaluates (and runs the teacher and the
-prototype pass) with BatchNorm running statistics; the authors' code never calls ``eval()``, so
-their test accuracy, teacher and prototype pass use batch statistics. clax does not offer that mode:
-its evaluation batches are zero-padded to one shape (the padding would enter the statistics) and a
-test prediction would depend on the other test images of its batch. (Backbones without BatchNorm,
-such as the MLP on the offline digits, are unaffected.) Their prototype step also steps with the
-gradient left over from step 1 (``opt_prototypes`` is not zeroed between the two backward passes);
-clax's step 2 uses the alignment loss's gradient only, as the paper describes. Their AdamW groups
-pass ``"weight_decay "`` (with a trailing space, ignored), so every group decays at PyTorch's default
-0.01: clax's ``train.weight_decay=0.01`` (registry) and ``proto_weight_decay=0.01`` match that.
+Where clax differs from the authors' code without a setting: their prototype step also steps with
+the gradient left over from step 1 (``opt_prototypes`` is not zeroed between the two backward
+passes); clax's step 2 uses the alignment loss's gradient only, as the paper describes. Their two
+AdamW optimisers keep their state across tasks; clax's trainer re-initialises the main optimizer's
+state at each task (the prototype step's state carries over). Their AdamW groups pass
+``"weight_decay "`` (with a trailing space, ignored), so every group decays at PyTorch's default
+0.01: clax's ``train.weight_decay=0.01`` (registry) and ``proto_weight_decay=0.01`` match that,
+except for the backbone: AdamW decays its stored, scaled weights (``backbone_lr_scale``) by
+``lr * 0.01`` a step, ten times the authors' ``1e-4 * 0.01``.
 
 Prototype initialisation: ``semantic`` (the paper) takes one training image per class (the first of
 that class in the task's training data: the stratified split is already seeded), channel-mean,
@@ -85,12 +92,14 @@ PAH_DEFAULTS = {
     "hnet_init": "kaiming",  # the authors' Kaiming-normal, last layer / 10; "affine": clax before
     "head_bias": False,  # the authors' bias-free generated head; True: clax before
     "proto_input": "resize",  # the paper; "native": the authors' code (prototypes at proto_size)
+    "bn": "running",  # BatchNorm statistics outside training; "batch": the authors' code (never in eval mode)
     "proto_lr": 1e-3,
     "proto_weight_decay": 0.01,
     "backbone_lr_scale": 0.1,
 }
 HNET_INITS = ("kaiming", "affine")
 PROTO_INPUTS = ("resize", "native")
+BN_MODES = ("running", "batch")
 #: the authors' KL_divergence clamps both probabilities at this value (only with kd_direction=student_teacher)
 KD_EPS = 1e-10
 
@@ -156,7 +165,7 @@ def pah(ctx: Context, **settings) -> Method:
     """PAH with settings ``proto_size``, ``proto_channels``, ``init`` (semantic | random), ``hidden``
     (the hypernetwork's widths), ``alpha`` (KD weight), ``temperature``, ``kd_direction``
     (student_teacher | teacher_student), ``hnet_init`` (kaiming | affine), ``head_bias``,
-    ``proto_input`` (resize | native), ``proto_lr``, ``proto_weight_decay`` (the prototype step's
+    ``proto_input`` (resize | native), ``bn`` (running | batch), ``proto_lr``, ``proto_weight_decay`` (the prototype step's
     AdamW) and ``backbone_lr_scale``; see the module docstring for which choice is whose.
 
     Raises:
@@ -179,6 +188,8 @@ def pah(ctx: Context, **settings) -> Method:
         raise ValueError(f"pah.hnet_init must be one of {', '.join(HNET_INITS)}; got {s['hnet_init']!r}")
     if s["proto_input"] not in PROTO_INPUTS:
         raise ValueError(f"pah.proto_input must be one of {', '.join(PROTO_INPUTS)}; got {s['proto_input']!r}")
+    if s["bn"] not in BN_MODES:
+        raise ValueError(f"pah.bn must be one of {', '.join(BN_MODES)}; got {s['bn']!r}")
     if not isinstance(s["head_bias"], bool):
         raise ValueError(f"pah.head_bias must be true or false, got {s['head_bias']!r}")
     geom = image_geometry(ctx.input_shape)
@@ -230,6 +241,11 @@ def pah(ctx: Context, **settings) -> Method:
     def feats(model, stats, x, train):
         return ctx.backbone.apply(jax.tree.map(lambda u: k * u, model["backbone"]), stats, x, train)
 
+    def feats_eval(model, stats, x):
+        """Features outside the training batch's own pass: running statistics (``bn="running"``) or
+        ``x``'s own batch statistics (``bn="batch"``, the authors' code); the statistics are not updated."""
+        return feats(model, stats, x, s["bn"] == "batch")[0]
+
     def init(key):
         kb, kh, kp = jax.random.split(key, 3)
         params, stats = ctx.backbone.init(kb)
@@ -239,8 +255,8 @@ def pah(ctx: Context, **settings) -> Method:
                        extra={"teacher": {**shared, "stats": stats}, "proto_opt": ptx.init(protos)})
 
     def old_logits(model, stats, x):
-        """``[B, T, C]``: every task's generated head on the features of ``x`` (eval mode)."""
-        f, _ = feats(model, stats, x, False)
+        """``[B, T, C]``: every task's generated head on the features of ``x`` (see ``bn``)."""
+        f = feats_eval(model, stats, x)
         hd = heads(model["hnet"], model["protos"])
         return jnp.einsum("bd,tdc->btc", f, hd["kernel"]) + bias(hd)
 
@@ -264,10 +280,13 @@ def pah(ctx: Context, **settings) -> Method:
 
     def own_logits(model, stats, protos):
         """``[C, T, C]``: task ``j``'s generated head on its own prototypes (entry ``[c, j]``)."""
-        x = render(protos).reshape((T * C,) + proto_in)
-        f, _ = feats(model, stats, x, False)
+        x = render(protos)                                                     # [T, C, *proto_in]
+        if s["bn"] == "batch":  # each task's C prototypes are one batch (the authors' pass_prototypes)
+            f = jax.vmap(lambda xj: feats_eval(model, stats, xj))(x)
+        else:
+            f = feats_eval(model, stats, x.reshape((T * C,) + proto_in)).reshape(T, C, -1)
         hd = heads(model["hnet"], protos)
-        return jnp.einsum("jcd,jdk->cjk", f.reshape(T, C, -1), hd["kernel"]) + bias(hd)
+        return jnp.einsum("jcd,jdk->cjk", f, hd["kernel"]) + bias(hd)
 
     def post_update(cl, batch, key, t):
         teacher = cl.extra["teacher"]
@@ -306,7 +325,7 @@ def pah(ctx: Context, **settings) -> Method:
         return np.flatnonzero(keep)
 
     def predict(cl, x, tid):
-        f, _ = feats(cl.shared, cl.state["backbone"], x, False)
+        f = feats_eval(cl.shared, cl.state["backbone"], x)
         hd = heads(cl.shared["hnet"], cl.shared["protos"])
         out = jnp.einsum("bd,bdc->bc", f, hd["kernel"][tid])
         out = out + hd["bias"][tid] if "bias" in hd else out
