@@ -8,9 +8,15 @@ global train step). Each checkpoint has three items:
   step), the accuracy matrix so far, the initial accuracies, ``task`` (the last finished task, -1 if
   none) and ``task_key`` (the current task's hook key);
 * ``config``: the run's config (JSON);
-* ``meta``: JSON with the clax version, ``tasks_done``, ``task_step`` (steps taken inside task
-  ``tasks_done``), timing so far, the current epoch's losses, the metrics rows and a CRC-32 of every
-  array of ``state``, so that a corrupted checkpoint is recognised even where Orbax reads it.
+* ``meta``: JSON with the clax version, ``task`` (the task the checkpoint belongs to), ``task_end``
+  (whether it was written at the end of that task, after ``end_task`` and the evaluation),
+  ``tasks_done``, ``task_step`` (steps taken inside task ``tasks_done``; at an epoch's last step the
+  checkpoint comes after that epoch's ``end_epoch`` hook and metrics row), timing so far, the current
+  epoch's losses, the metrics rows and a CRC-32 of every array of ``state``, so that a corrupted
+  checkpoint is recognised even where Orbax reads it.
+
+Every task-end checkpoint is kept (:func:`task_checkpoint` reads task N's); of the checkpoints inside
+tasks (``checkpoint.every_steps``) the newest ``checkpoint.keep`` are (:class:`KeepTaskEnds`).
 
 Saving is asynchronous: :func:`save_progress` returns once the arrays are on the host and Orbax writes
 them in the background; a checkpoint becomes visible only once complete, so a killed run leaves at
@@ -20,9 +26,11 @@ back from the newest checkpoint to the newest readable one and moves unreadable 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+import weakref
 import zlib
 from typing import Any, Callable, Optional
 
@@ -50,13 +58,75 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
+def _meta_file(workdir: str, step: int) -> str:
+    return os.path.join(checkpoint_dir(workdir), str(step), "meta", "metadata")
+
+
+def is_task_end(meta: dict) -> bool:
+    """Whether a checkpoint's ``meta`` is that of a task-end checkpoint (written after a task's
+    ``end_task`` and evaluation), not one inside a task."""
+    return int(meta.get("task_step", -1)) == 0 and int(meta.get("tasks_done", 0)) > 0
+
+
+def task_of(meta: dict) -> int:
+    """The task a checkpoint belongs to: the finished task of a task-end checkpoint, the task in
+    progress of one inside a task (``meta["task"]``; derived for checkpoints written before it)."""
+    if "task" in meta:
+        return int(meta["task"])
+    return int(meta["tasks_done"]) - (1 if is_task_end(meta) else 0)
+
+
+def task_checkpoints(workdir: str) -> dict[int, int]:
+    """``{task: step}`` of the task-end checkpoints in ``workdir`` (read from their metadata files,
+    without Orbax; a checkpoint whose metadata cannot be read is left out)."""
+    out: dict[int, int] = {}
+    d = checkpoint_dir(workdir)
+    for name in sorted(os.listdir(d), key=lambda n: int(n) if n.isdigit() else -1) if os.path.isdir(d) else []:
+        if not name.isdigit():
+            continue
+        try:
+            with open(_meta_file(workdir, int(name))) as f:
+                meta = json.load(f)
+            if is_task_end(meta):
+                out[task_of(meta)] = int(name)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+@dataclasses.dataclass
+class KeepTaskEnds:
+    """An Orbax preservation policy: every task-end checkpoint (the steps in ``task_ends``) is kept, and
+    of the others (inside a task) the newest ``keep``."""
+
+    keep: int
+    task_ends: set
+
+    def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
+        """One bool per checkpoint info (``.step``): whether to keep it."""
+        inside = sorted(c.step for c in checkpoints if c.step not in self.task_ends)
+        recent = set(inside[len(inside) - self.keep:]) if self.keep > 0 else set()
+        return [c.step in self.task_ends or c.step in recent for c in checkpoints]
+
+
+_POLICIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def manager(workdir: str, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
-    """An Orbax CheckpointManager over ``workdir/checkpoints`` keeping the last ``keep`` steps.
+    """An Orbax CheckpointManager over ``workdir/checkpoints`` that keeps every task-end checkpoint
+    and the newest ``keep`` checkpoints inside a task (:class:`KeepTaskEnds`; older ones are deleted
+    once a newer one is complete).
 
     Unfinished temporary checkpoints (left by a killed run) are removed unless ``read_only``.
     """
-    return ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only))
+    if read_only:
+        return ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
+            create=False, read_only=True, cleanup_tmp_directories=False))
+    policy = KeepTaskEnds(int(keep), set(task_checkpoints(workdir).values()))
+    mngr = ocp.CheckpointManager(checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(
+        preservation_policy=policy, create=True, cleanup_tmp_directories=True))
+    _POLICIES[mngr] = policy
+    return mngr
 
 
 def checksum(item: dict) -> str:
@@ -80,7 +150,11 @@ def save(mngr: ocp.CheckpointManager, step: int, train_state: Any, accuracy_matr
 def save_progress(mngr: ocp.CheckpointManager, train_state: Any, progress: Any, config: dict,
                   rows: Optional[list] = None) -> int:
     """Saves a :class:`~clax.train.TrainState` with its :class:`~clax.train.Progress` at the global
-    step ``train_state.step``; returns that step. The write finishes in the background."""
+    step ``train_state.step``; returns that step. The write finishes in the background.
+
+    A task-end checkpoint (``progress.task_step == 0``) is marked ``task_end`` in its metadata and, with a
+    manager from :func:`manager`, kept for good; ``rows`` are the metrics rows so far (restored on resume).
+    """
     step = int(train_state.step)
     key = np.asarray(jax.device_get(train_state.key))
     b = progress.init_accuracy
@@ -93,9 +167,12 @@ def save_progress(mngr: ocp.CheckpointManager, train_state: Any, progress: Any, 
         "task": np.asarray(progress.tasks_done - 1, np.int32),
         "task_key": np.zeros_like(key) if progress.task_key is None else np.asarray(progress.task_key),
     })
+    task_end = int(progress.task_step) == 0 and int(progress.tasks_done) > 0
     meta = {
         "clax_version": clax_version(),
         "step": step,
+        "task": int(progress.tasks_done) - 1 if task_end else int(progress.tasks_done),
+        "task_end": task_end,
         "tasks_done": int(progress.tasks_done),
         "task_step": int(progress.task_step),
         "num_tasks": int(np.shape(progress.accuracy_matrix)[0]),
@@ -107,6 +184,8 @@ def save_progress(mngr: ocp.CheckpointManager, train_state: Any, progress: Any, 
         "rows": [dict(r) for r in (rows or [])],
         "checksum": checksum(item),
     }
+    if task_end and mngr in _POLICIES:  # before save(), which applies the policy
+        _POLICIES[mngr].task_ends.add(step)
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(item),
                                             config=ocp.args.JsonSave(config), meta=ocp.args.JsonSave(meta)))
     return step
@@ -206,6 +285,26 @@ def latest_intact(workdir: str, read_only: bool = False,
                 say(f"moved the unreadable checkpoint to {target}")
     if state is None:
         return None
+    return step, state, config, meta
+
+
+def task_checkpoint(workdir: str, task: int,
+                    say: Callable[[str], None] = _say) -> Optional[tuple[int, dict, dict, dict]]:
+    """``(step, state, config, meta)`` of the checkpoint written at the end of task ``task`` (its checksum
+    verified), or None where ``workdir`` holds none for that task (not finished yet, or written by a
+    clax that rolled task-end checkpoints away) or it is unreadable (reported through ``say``).
+    Reads only: nothing is moved or written."""
+    step = task_checkpoints(workdir).get(int(task))
+    if step is None:
+        return None
+    mngr = manager(workdir, read_only=True)
+    try:
+        state, config, meta = read(mngr, step)
+    except ValueError as e:
+        say(f"the checkpoint of task {task} (step {step}) in {checkpoint_dir(workdir)} is unreadable ({e})")
+        return None
+    finally:
+        mngr.close()
     return step, state, config, meta
 
 

@@ -123,7 +123,9 @@ def _task_bytes(cfg: dict, cl: dict, T: int, row_bytes: int) -> tuple[list[int],
 
 def describe(workdir: str, task: Optional[int] = None, png_dir: Optional[str] = None) -> dict:
     """What the newest intact checkpoint of ``workdir`` holds, as a JSON-ready dict (see the module
-    docstring); with ``task``, per-task leaves, densities and distances are restricted to that task.
+    docstring); with ``task``, what task ``task``'s own checkpoint (written at the end of that task)
+    holds where the workdir has it (else the newest), with per-task leaves, densities and distances
+    restricted to that task.
 
     Raises:
       FileNotFoundError: the workdir has no readable checkpoint.
@@ -131,7 +133,7 @@ def describe(workdir: str, task: Optional[int] = None, png_dir: Optional[str] = 
     """
     from clax import checkpoint as ckpt
 
-    found = ckpt.latest_intact(workdir, read_only=True)
+    found = (task is not None and ckpt.task_checkpoint(workdir, task)) or ckpt.latest_intact(workdir, read_only=True)
     if found is None:
         raise FileNotFoundError(f"no readable checkpoint in {ckpt.checkpoint_dir(workdir)}")
     step, state, cfg, meta = found
@@ -285,7 +287,8 @@ def add_commands(sub) -> None:
     """Adds ``inspect`` and ``eval`` to the ``clax`` command's subparsers."""
     i = sub.add_parser("inspect", help="what a workdir's checkpoint holds, per partition and per task")
     i.add_argument("workdir")
-    i.add_argument("--task", type=int, help="restrict per-task rows, densities and distances to task N")
+    i.add_argument("--task", type=int, help="read task N's checkpoint (written at the end of task N; the "
+                   "newest where there is none) and restrict per-task rows, densities and distances to it")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument("--png-dir", help="where prototype PNGs go (default WORKDIR/inspect)")
     i.set_defaults(func=cmd_inspect)

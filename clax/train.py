@@ -38,7 +38,9 @@ class Progress:
 
     Attributes:
       tasks_done: tasks finished (trained, ``end_task`` run and evaluated), ``0 .. T``.
-      task_step: steps of task ``tasks_done`` already taken; 0 means its ``begin_task`` has not run.
+      task_step: steps of task ``tasks_done`` already taken; 0 means its ``begin_task`` has not run. When
+        it is a multiple of the batches per epoch, that epoch is finished: its ``end_epoch`` hook has run
+        and its metrics row is logged, and the next epoch starts from here.
       accuracy_matrix: ``[T, T]`` so far (NaN where not evaluated); init_accuracy: ``[T]`` or None.
       train_s, steps: training seconds and global steps so far; compiles_after_task: per finished task.
       task_key: the key of the current task's ``end_epoch``/``end_task`` hooks (mid-task only).
@@ -309,8 +311,11 @@ def fit(
       resume: ``(train_state, progress)`` of a checkpoint: training continues from there and ends as
         an uninterrupted run would (the data order is a function of seed, task and epoch only).
       checkpoint: called as ``(train_state, progress)`` after each task is evaluated and, when
-        ``checkpoint_every > 0``, every that many steps inside a task; a non-finite loss or parameter
-        raises :class:`NonFiniteLossError` before a bad state reaches it.
+        ``checkpoint_every > 0``, every that many steps inside a task (one on an epoch's last step after
+        that epoch's ``end_epoch`` hook and ``log`` row, so that resuming from it starts the next
+        epoch); a non-finite loss or parameter raises :class:`NonFiniteLossError` before a bad state
+        reaches it. Resuming from any of these ends exactly as the uninterrupted run (state, accuracies,
+        losses and ``log`` rows; only wall-clock seconds and compile counts differ).
 
     Returns:
       A dict with ``accuracy_matrix`` (T x T, NaN where not evaluated), ``init_accuracy``, the metrics
@@ -324,10 +329,13 @@ def fit(
     steps = Steps(method, tx, scenario)
     key = jax.random.PRNGKey(cfg.seed)
     key, k_init = jax.random.split(key)
-    cl = method.init(k_init)
-    P.check(cl, T)
+    if resume is None:
+        cl = method.init(k_init)
+        P.check(cl, T)
+        ts = TrainState(cl, tx.init(trainable(cl, 0)), key, jnp.zeros((), jnp.int32))
+    else:  # the resumed state replaces the initial one: not computed
+        P.check(resume[0].cl, T)
     backbone_count = P.count(ctx.backbone.init(jax.random.PRNGKey(0))[0])
-    ts = TrainState(cl, tx.init(trainable(cl, 0)), key, jnp.zeros((), jnp.int32))
 
     A = np.full((T, T), np.nan)
     b = None
@@ -354,6 +362,10 @@ def fit(
             keep = np.asarray(method.train_filter(TaskData(r, x, y, k_end, cfg.batch_size)))
             x, y, tid = (x[keep] if isinstance(x, np.ndarray) else x.take(keep)), y[keep], tid[keep]
         per_epoch = max(1, -(-len(y) // cfg.batch_size))
+
+        def due(s: int) -> bool:  # an in-task checkpoint after step s of the task (the task-end one is below)
+            return bool(checkpoint and checkpoint_every and s % checkpoint_every == 0 and s < cfg.epochs * per_epoch)
+
         bar = tqdm(total=cfg.epochs * per_epoch, initial=done, desc=f"{method.name} task {r + 1}/{T}",
                    disable=not progress, leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
@@ -370,7 +382,10 @@ def fit(
                 ts, m = steps.train_step(ts, batch, t)
                 losses.append(m["loss"])
                 bar.update(1)
-                if checkpoint and checkpoint_every and s % checkpoint_every == 0 and s < cfg.epochs * per_epoch:
+                # A checkpoint on the epoch's last step waits for the epoch's end (below), so that it holds
+                # the epoch's end_epoch hook, mean loss and metrics row, and a resumed run starts the next
+                # epoch as the uninterrupted run does.
+                if due(s) and s % per_epoch:
                     _check_finite(ts, t, losses, r, epoch, per_epoch)
                     checkpoint(ts, Progress(r, s, A.copy(), b, train_s + time.perf_counter() - t0, int(ts.step),
                                             list(compiles_after_task), k_end, [float(v) for v in losses]))
@@ -384,6 +399,11 @@ def fit(
                 ts = ts.replace(cl=method.end_epoch(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size), epoch))
             if log:
                 log({"task": r, "epoch": epoch, "loss": mean_loss, "seconds": time.perf_counter() - t0})
+            s = (epoch + 1) * per_epoch
+            if due(s):  # the epoch's last step, its epoch finished: the next epoch starts from here
+                _check_finite(ts, t, [], r, epoch + 1, per_epoch)
+                checkpoint(ts, Progress(r, s, A.copy(), b, train_s + time.perf_counter() - t0, n_steps,
+                                        list(compiles_after_task), k_end, []))
         bar.close()
         ts = ts.replace(cl=method.end_task(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size)))
         jax.block_until_ready(ts)

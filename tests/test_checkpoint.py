@@ -1,3 +1,5 @@
+import json
+
 import jax
 import numpy as np
 
@@ -5,12 +7,23 @@ from clax import checkpoint as ckpt
 from clax.cli import main
 
 
-def test_a_checkpoint_is_written_per_task_and_restores_the_trainer_state(tmp_path):
+def _meta(w, step):
+    return json.loads((w / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+
+
+def test_every_task_end_checkpoint_is_kept_with_its_task_and_inspect_task_reads_it(tmp_path, capsys):
     w = tmp_path / "w"
+    # checkpoint.keep=2 (the default) rolls only the checkpoints inside tasks (2 of them per task here)
     assert main(["run", "--method", "replay", "--scenario", "til", "--epochs", "1", "--workdir", str(w),
-                 "--quiet", "--set", "checkpoint.keep=10"]) == 0
-    mngr = ckpt.manager(str(w))
-    assert len(mngr.all_steps()) == 5
+                 "--quiet", "--set", "checkpoint.every_steps=4"]) == 0
+    steps = sorted(ckpt.manager(str(w), read_only=True).all_steps())
+    metas = {s: _meta(w, s) for s in steps}
+    ends = [s for s in steps if metas[s]["task_end"]]
+    assert [metas[s]["task"] for s in ends] == [0, 1, 2, 3, 4]  # every task's, with its task index
+    inside = [s for s in steps if not metas[s]["task_end"]]
+    assert len(inside) == 2 and all(metas[s]["task"] == 4 and metas[s]["task_step"] > 0 for s in inside)
+    assert all(ends[3] < s < ends[4] for s in inside)  # of the 10 written, the newest two (in task 4)
+    assert ckpt.task_checkpoints(str(w)) == dict(enumerate(ends))
     state, cfg = ckpt.restore_raw(str(w))
     assert cfg["method"] == "replay" and int(state["task"]) == 4
     cl = state["train_state"]["cl"]
@@ -19,11 +32,20 @@ def test_a_checkpoint_is_written_per_task_and_restores_the_trainer_state(tmp_pat
     assert int(cl["extra"]["buffer"]["seen"]) > 1000
     A = state["accuracy_matrix"]
     assert A.shape == (5, 5) and np.isfinite(A[4]).all()
+    # task 1's own checkpoint: the state after task 1, as the run saw it then
+    step, one, _, meta = ckpt.task_checkpoint(str(w), 1)
+    assert step == ends[1] and meta["tasks_done"] == 2 and int(one["task"]) == 1
+    np.testing.assert_array_equal(one["accuracy_matrix"][:2], A[:2])
+    assert np.isnan(one["accuracy_matrix"][2:]).all()
+    assert ckpt.task_checkpoint(str(w), 5) is None
+    capsys.readouterr()
+    assert main(["inspect", str(w), "--task", "1", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["step"] == ends[1] and d["tasks_done"] == 2 and d["task"] == 1
 
 
 # --- refusals: a truncated checkpoint, a changed config, a NaN loss (issue 7) ---------------------------
 
-import json  # noqa: E402
 import os  # noqa: E402
 
 import pytest  # noqa: E402

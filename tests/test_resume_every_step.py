@@ -1,0 +1,216 @@
+"""A run stopped after any step of tasks 0 and 1, and resumed, ends exactly as an uninterrupted run.
+
+For ibm, packnet, wsn, hnet and pah on two tiny split-digits tasks (3 batches an epoch, 2 epochs, so
+that the ``end_epoch`` hooks fire: ibm's SVD and packnet's prune at the end of epoch 0) with
+``checkpoint.every_steps`` equal to the batches per epoch, each run is stopped through the API:
+
+* right after train step ``g`` (g = 1..12, every in-task step of both tasks), before anything that
+  follows it; the workdir then holds the checkpoints written before that step, exactly what a kill
+  anywhere between the previous checkpoint and the next one leaves (nothing else is written to the
+  workdir while a run trains: ``results.json`` and ``metrics.csv`` come after the last checkpoint);
+* right after each checkpoint has been written: the epoch-boundary one inside each task (after the
+  epoch's ``end_epoch`` hook, its mean loss and its metrics row) and each task-end one. The last one
+  is the kill between the final checkpoint and ``results.json``/``metrics.csv``; there the test also
+  leaves truncated ``results.json`` and ``metrics.csv`` behind (a kill while they were written).
+
+The stopped run is then run again in the same workdir and compared with an uninterrupted run:
+
+* state: every array of the final (task-end) checkpoint, bit for bit, and the set of checkpoints kept
+  (``checkpoint.keep=1``: every task-end checkpoint and the newest one inside a task, also across a
+  resume);
+* ``results.json``: every field except those that describe the process rather than the run:
+  ``timing.train_s`` (wall-clock seconds) and the compile counts ``timing.compiles``, ``timing.traces``
+  and ``timing.compiles_after_task`` (a resumed process compiles its steps again; a finished run run
+  again compiles nothing). ``timing.steps`` is compared;
+* ``metrics.csv``: every row and column except ``seconds`` (wall-clock).
+
+To keep it cheap every run of a method shares one method object and one compiled :class:`Steps`
+(``clax.runner.build`` and ``clax.train.Steps`` are replaced by cached ones), so nothing recompiles
+between kill points, and the accuracy plot (not compared) is not drawn.
+"""
+import csv
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import clax.train as train_mod
+from clax import checkpoint as ckpt
+from clax import runner
+from clax.config import default_config, train_config
+from clax.data import Benchmark, split_digits
+from clax.data.stream import Task
+from clax.methods import get_method
+from clax.models import get_backbone
+from clax.train import Steps, make_context, make_optimizer
+
+METHODS = ("ibm", "packnet", "wsn", "hnet", "pah")
+PER_EPOCH, EPOCHS, TASKS = 3, 2, 2  # batches per epoch (48 samples in batches of 16), epochs, tasks
+TASK_STEPS = PER_EPOCH * EPOCHS
+SETTINGS = {  # small shapes; packnet prunes at the end of epoch 0 (ibm's SVD fires there by default)
+    "packnet": {"prune_after": 1},
+    "hnet": {"chunk_size": 256, "task_emb_dim": 8, "chunk_emb_dim": 8, "hidden": [16, 16]},
+}
+CHECKPOINT_STEPS = [g for g in range(1, TASKS * TASK_STEPS + 1) if g % PER_EPOCH == 0]
+KILLS = [("after step", g) for g in range(1, TASKS * TASK_STEPS + 1)] + [
+    ("after checkpoint", g) for g in CHECKPOINT_STEPS]
+# timing fields that describe the process, not the run (see the module docstring)
+PROCESS_FIELDS = ("train_s", "compiles", "traces", "compiles_after_task")
+
+
+class Stop(Exception):
+    """Raised by the test's hooks to stop a run at a kill point."""
+
+
+def _bench() -> Benchmark:
+    full = split_digits(seed=0)
+    tasks = tuple(Task(t.task_id, t.classes, t.x_train[:48], t.y_train[:48], t.x_test[:40], t.y_test[:40])
+                  for t in full.tasks[:TASKS])
+    return Benchmark(full.name, tasks, full.num_classes, full.input_shape, full.class_names)
+
+
+_BUILT: dict = {}
+
+
+def _built(name: str):
+    """``(cfg, build result, Steps, plan)`` of ``name``, made once per method."""
+    if name not in _BUILT:
+        cfg = default_config(name)
+        cfg["train"].update(epochs=EPOCHS, batch_size=16, eval_batch_size=64)
+        cfg["backbone"]["hidden"] = [32, 32]
+        cfg[name].update(SETTINGS.get(name, {}))
+        cfg["checkpoint"] = {"every_steps": PER_EPOCH, "keep": 1}
+        bench = _bench()
+        ctx = make_context(get_backbone("mlp", bench.input_shape, hidden=[32, 32]), bench, cfg["scenario"])
+        method = get_method(name, ctx, **cfg[name])
+        steps = Steps(method, make_optimizer(train_config(cfg)), ctx.scenario)
+        plan = {"after_step": None, "after_checkpoint": None, "taken": 0}
+        jitted = steps.train_step
+
+        def train_step(*args):
+            out = jitted(*args)
+            plan["taken"] += 1
+            if plan["taken"] == plan["after_step"]:
+                raise Stop
+            return out
+
+        steps.train_step = train_step
+        _BUILT[name] = (cfg, (bench, ctx, method), steps, plan)
+    return _BUILT[name]
+
+
+@pytest.fixture
+def hooks(monkeypatch):
+    """Runs through ``clax.runner.run`` with the cached method and steps, and stops at the plan's point."""
+    monkeypatch.setattr(runner, "build", lambda cfg: _built(cfg["method"])[1])
+    monkeypatch.setattr(train_mod, "Steps", lambda method, tx, scenario: _built(method.name)[2])
+    save = ckpt.save_progress
+
+    def save_then_stop(mngr, ts, progress, config, rows=None):
+        step = save(mngr, ts, progress, config, rows)
+        if step == _built(config["method"])[3]["after_checkpoint"]:
+            mngr.wait_until_finished()
+            raise Stop
+        return step
+
+    monkeypatch.setattr(ckpt, "save_progress", save_then_stop)
+    monkeypatch.setattr(runner, "accuracy_heatmap", lambda *a, **k: None)  # a plot, 0.2 s a run, not compared
+
+    def run(name, workdir, after_step=None, after_checkpoint=None):
+        plan = _built(name)[3]
+        plan.update(after_step=after_step, after_checkpoint=after_checkpoint, taken=0)
+        try:
+            return runner.run(_built(name)[0], str(workdir), progress=False)
+        finally:
+            plan.update(after_step=None, after_checkpoint=None)
+
+    return run
+
+
+_REFERENCE: dict = {}
+
+
+@pytest.fixture
+def reference(hooks, tmp_path_factory):
+    def get(name):
+        if name not in _REFERENCE:
+            w = tmp_path_factory.mktemp(f"reference-{name}")
+            hooks(name, w)
+            _REFERENCE[name] = w
+        return _REFERENCE[name]
+    return get
+
+
+def _steps(w) -> list[int]:
+    d = w / "checkpoints"
+    return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if d.is_dir() else []
+
+
+def _results(w) -> dict:
+    res = json.loads((w / "results.json").read_text())
+    for k in PROCESS_FIELDS:
+        res["timing"].pop(k)
+    return res
+
+
+def _metrics(w) -> list[dict]:
+    with open(w / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        r.pop("seconds")
+    return rows
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_state(w):
+    return _final_state(w)
+
+
+def _final_state(w):
+    mngr = ckpt.manager(str(w), read_only=True)
+    step = mngr.latest_step()
+    state, config, meta = ckpt.read(mngr, step)
+    mngr.close()
+    return step, state, meta
+
+
+def _assert_same_state(w, ref):
+    step, state, meta = _final_state(w)
+    ref_step, ref_state, ref_meta = _reference_state(ref)
+    assert step == ref_step
+    a = jax.tree_util.tree_flatten_with_path(state)[0]
+    b = jax.tree_util.tree_flatten_with_path(ref_state)[0]
+    assert [p for p, _ in a] == [p for p, _ in b]
+    differ = [jax.tree_util.keystr(p) for (p, x), (_, y) in zip(a, b)
+              if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes()]
+    assert not differ, f"{len(differ)} of {len(a)} arrays differ from the uninterrupted run: {differ}"
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(meta["rows"]) == strip(ref_meta["rows"])
+    assert meta["steps"] == ref_meta["steps"] and meta["tasks_done"] == ref_meta["tasks_done"] == TASKS
+
+
+@pytest.mark.parametrize("kill", KILLS, ids=[f"{k.replace(' ', '-')}-{g}" for k, g in KILLS])
+@pytest.mark.parametrize("name", METHODS)
+def test_a_run_stopped_at_any_step_and_resumed_ends_as_the_uninterrupted_run(name, kill, hooks, reference,
+                                                                              tmp_path):
+    ref = reference(name)
+    assert json.loads((ref / "results.json").read_text())["timing"]["steps"] == TASKS * TASK_STEPS
+    w = tmp_path / "w"
+    where, g = kill
+    with pytest.raises(Stop):
+        hooks(name, w, **{where.replace(" ", "_"): g})
+    # the kill landed where it claims: the newest checkpoint is the last one written before it
+    before = [s for s in CHECKPOINT_STEPS if (s < g if where == "after step" else s <= g)]
+    assert _steps(w)[-1:] == before[-1:]
+    assert not (w / "results.json").exists()
+    if g == TASKS * TASK_STEPS and where == "after checkpoint":  # killed while the result files were written
+        (w / "results.json").write_text('{"method": ')
+        (w / "metrics.csv").write_text("task,epoch,loss,sec")
+    hooks(name, w)
+    assert _results(w) == _results(ref)
+    assert _metrics(w) == _metrics(ref)
+    _assert_same_state(w, ref)
+    assert _steps(w) == _steps(ref)
