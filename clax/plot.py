@@ -1,7 +1,23 @@
 """Figures a person would rather look at than read: the accuracy-matrix heatmap."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+from clax.workdir import atomic_open
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """Writes matplotlib figure ``fig`` to ``path`` atomically (format from the extension, PNG without
+    one; see :func:`clax.workdir.atomic_open`) and closes it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png", dpi=dpi)
+    finally:
+        plt.close(fig)
 
 
 def accuracy_heatmap(A: np.ndarray, path: str, title: str = "") -> None:
@@ -26,8 +42,7 @@ def accuracy_heatmap(A: np.ndarray, path: str, title: str = "") -> None:
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, label="test accuracy")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def capacity_plot(runs: dict, path: str, title: str = "") -> None:
@@ -59,5 +74,4 @@ def capacity_plot(runs: dict, path: str, title: str = "") -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # outside: hides no line
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

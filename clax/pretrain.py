@@ -26,7 +26,11 @@ the file's absolute ``path`` and ``sha256``), ``"glyphs"`` or ``"random"``.
 
 Cache. Weights and report are written to ``cache_dir`` (a run's workdir: ``<workdir>/pretrain``) under a
 name hashed from the backbone's definition and the pretraining settings, as Flax msgpack (no pickle),
-and reused by later runs; within one process the result is also kept in memory.
+and reused by later runs; within one process the result is also kept in memory. Both files are written
+atomically (temporary file, fsync, rename), the report last with the weights' SHA-256, so a run killed
+while writing leaves no part of a cache. A cache that is damaged anyway (a part missing, unreadable,
+not matching its checksum, or written by an older clax without one) is named in one line on stderr,
+set aside as ``<name>.damaged-N`` (never deleted) and rebuilt.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ import optax
 
 from clax.models import Backbone
 from clax.transforms import classifier
+from clax.workdir import atomic_write, remove_stale_temps, say, set_aside
 
 PyTree = Any
 _MEMO: dict[str, tuple] = {}
@@ -171,27 +176,49 @@ def _check_tree(backbone: Backbone, params: PyTree, stats: PyTree, source: str) 
                                  f"{tuple(fw[k].shape) if k in fw else 'absent'}")
 
 
+def _report_path(path: str) -> str:
+    return path[: -len(".msgpack")] + ".json" if path.endswith(".msgpack") else path + ".json"
+
+
 def save(path: str, params: PyTree, stats: PyTree, report: dict | None = None) -> None:
-    """Writes ``{"params", "batch_stats"}`` as Flax msgpack to ``path`` (and the report as JSON beside)."""
+    """Writes ``{"params", "batch_stats"}`` as Flax msgpack to ``path`` and, with a ``report``, the
+    report as JSON beside it (``.msgpack`` -> ``.json``) with the weights file's ``weights_sha256``.
+
+    Both files are written atomically (:func:`clax.workdir.atomic_write`), the weights first: a process
+    killed meanwhile leaves the previous files or none, never a part of one.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     state = {"params": jax.tree.map(np.asarray, params), "batch_stats": jax.tree.map(np.asarray, stats)}
-    with open(path, "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(state))
+    data = flax.serialization.msgpack_serialize(state)
+    atomic_write(path, data)
     if report is not None:
-        with open(path[: -len(".msgpack")] + ".json" if path.endswith(".msgpack") else path + ".json", "w") as f:
-            json.dump(report, f, indent=1)
+        atomic_write(_report_path(path),
+                     json.dumps({**report, "weights_sha256": hashlib.sha256(data).hexdigest()}, indent=1))
+
+
+def _unpack(data: bytes, path: str) -> dict:
+    try:
+        state = flax.serialization.msgpack_restore(data)
+    except Exception as e:  # noqa: BLE001 - msgpack raises several kinds
+        raise ValueError(f"pretrained weights {path!r} are not a readable Flax msgpack file "
+                         f"({' '.join(str(e).split()) or type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"pretrained weights {path!r} are not a Flax msgpack dict of params and batch_stats")
+    return state
 
 
 def load(path: str, backbone: Backbone) -> tuple[PyTree, PyTree]:
     """Reads weights written by :func:`save` and checks that they fit ``backbone``.
 
     Raises:
-      ValueError: the file is missing or a parameter is missing or has the wrong shape (named).
+      ValueError: the file is missing or unreadable, or a parameter is missing or has the wrong shape
+        (named).
     """
     if not os.path.isfile(path):
         raise ValueError(f"pretrained weights {path!r}: no such file")
     with open(path, "rb") as f:
-        state = flax.serialization.msgpack_restore(f.read())
+        data = f.read()
+    state = _unpack(data, path)
     params, stats = state.get("params", {}), state.get("batch_stats", {}) or {}
     _check_tree(backbone, params, stats, path)
     return jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats)
@@ -257,10 +284,9 @@ def pretrained_backbone(backbone: Backbone, source: str = "auto", steps: int = 3
     if key in _MEMO:
         return _MEMO[key]
     path = os.path.join(cache_dir, key + ".msgpack") if cache_dir else ""
-    if path and os.path.isfile(path):
-        params, stats = load(path, backbone)
-        with open(os.path.join(cache_dir, key + ".json")) as f:
-            report = {"source": "glyphs", **json.load(f), "cached": path}
+    found = _read_cache(path, backbone) if path else None
+    if found is not None:
+        params, stats, report = found
     else:
         params, stats, report = pretrain(backbone, steps, seed)
         report = {"source": "glyphs", **report}
@@ -268,3 +294,45 @@ def pretrained_backbone(backbone: Backbone, source: str = "auto", steps: int = 3
             save(path, params, stats, report)
     _MEMO[key] = (params, stats, report)
     return _MEMO[key]
+
+
+def _read_cache(path: str, backbone: Backbone) -> tuple[PyTree, PyTree, dict] | None:
+    """The cached ``(params, batch_stats, report)`` at ``path`` (weights) and its ``.json`` (report with
+    the weights' SHA-256), or None when there is no cache. A damaged cache (a part missing, unreadable,
+    or not matching its checksum) is named in one line on stderr and set aside (renamed
+    ``<name>.damaged-N``, never deleted), and None is returned so that it is rebuilt. Temporary files
+    of a writer killed mid-write are removed."""
+    rpath = _report_path(path)
+    for p in (path, rpath):
+        remove_stale_temps(p)
+    if not os.path.lexists(path) and not os.path.lexists(rpath):
+        return None
+    try:
+        if not os.path.isfile(path):
+            raise ValueError(f"the weights file is missing beside {os.path.basename(rpath)}")
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data:
+            raise ValueError("the weights file is empty (a write was cut off)")
+        try:
+            with open(rpath) as f:
+                report = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"its report {os.path.basename(rpath)} is missing") from None
+        except ValueError as e:
+            raise ValueError(f"its report {os.path.basename(rpath)} is not valid JSON: {e}") from None
+        want = report.get("weights_sha256") if isinstance(report, dict) else None
+        if not want:
+            raise ValueError("its report has no checksum (written by an older clax)")
+        if hashlib.sha256(data).hexdigest() != want:
+            raise ValueError(f"the weights file ({len(data)} bytes) does not match the SHA-256 in its report")
+        state = _unpack(data, path)
+        params, stats = state.get("params", {}), state.get("batch_stats", {}) or {}
+        _check_tree(backbone, params, stats, path)
+    except (OSError, ValueError) as e:
+        moved = [set_aside(p) for p in (path, rpath) if os.path.lexists(p)]
+        say(f"pretraining cache {path} is damaged ({' '.join(str(e).split())}); set aside as "
+             f"{' and '.join(moved)}; pretraining again")
+        return None
+    report = {"source": "glyphs", **{k: v for k, v in report.items() if k != "weights_sha256"}, "cached": path}
+    return jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats), report

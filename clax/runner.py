@@ -1,7 +1,9 @@
 """From a config to a finished run: build the pieces, train, write the workdir.
 
 A workdir receives ``results.json``, ``metrics.csv`` (a row per task and epoch),
-``accuracy_matrix.png`` and ``checkpoints/`` (Orbax, one per finished task).
+``accuracy_matrix.png`` and ``checkpoints/`` (Orbax, one per finished task); the frozen-backbone
+methods cache their pretraining in ``pretrain/``. Each file is written atomically and the workdir is
+locked while a run uses it (``.clax.lock``, see :mod:`clax.workdir`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from clax import checkpoint as ckpt
+from clax import workdir as wd
 from clax.config import check_name, train_config
 from clax.data import BENCHMARKS, get_benchmark
 from clax.methods import METHODS, get_method
@@ -25,9 +28,8 @@ from clax.train import NonFiniteLossError, fit, make_context, make_optimizer
 def _checkpointing(cfg: dict, workdir: str, method, tcfg, fresh: bool) -> tuple[dict, list]:
     """fit()'s checkpoint arguments for ``workdir`` (resuming where it holds checkpoints) and the
     metrics rows so far."""
-    if fresh and (old := ckpt.move_aside(workdir)):
+    if fresh and (old := wd.move_aside(workdir)):
         ckpt._say(f"moved the previous run to {old}; starting fresh in {workdir}")
-    os.makedirs(workdir, exist_ok=True)
     found = ckpt.load_resume(workdir, cfg, method, make_optimizer(tcfg))
     rows: list[dict] = []
     kw: dict = {}
@@ -98,15 +100,45 @@ def run(cfg: dict, workdir: str | None = None, progress: bool = True, fresh: boo
 
     A workdir that holds checkpoints of the same config is resumed from its newest intact one (the
     results equal those of an uninterrupted run); one of a different config is refused (ValueError
-    naming the keys) unless ``fresh``, which first moves the old workdir to ``WORKDIR.old-N``.
+    naming the keys) unless ``fresh``, which moves the old run to ``WORKDIR.old-N`` once the config
+    has been checked. Paths inside the workdir are stored relative to it (:func:`workdir_config`), so
+    a moved workdir resumes. The workdir is locked for the whole run (:func:`clax.workdir.lock`): a
+    second run on it raises :class:`clax.workdir.WorkdirBusy` (a ValueError naming the workdir and
+    the running process) before anything is read, moved or written. Every file is written atomically.
 
     Returns:
       The JSON-ready results (the content of ``results.json``).
     """
+    if not workdir:
+        return _run(cfg, None, progress, fresh)
+    cfg = workdir_config(cfg, workdir)
+    with wd.lock(workdir):  # one run per workdir, held until the last file is written
+        return _run(cfg, workdir, progress, fresh)
+
+
+def workdir_config(cfg: dict, workdir: str) -> dict:
+    """``cfg`` as a workdir stores it: paths inside the workdir relative to it, so that a moved, copied
+    or differently spelled workdir holds the same config. The frozen-backbone methods' pretraining
+    cache, ``<workdir>/pretrain``, is stored as ``pretrain_dir=""`` (see :func:`resolve_paths`)."""
     sec = cfg.get(cfg["method"], {})
-    if workdir and sec.get("pretrain_dir") == "":  # frozen-backbone methods cache their pretraining here
-        cfg = {**cfg, cfg["method"]: {**sec, "pretrain_dir": os.path.join(workdir, "pretrain")}}
-    bench, ctx, method = build(cfg)
+    pre = sec.get("pretrain_dir") if isinstance(sec, dict) else None
+    if pre and os.path.abspath(pre) == os.path.abspath(os.path.join(workdir, "pretrain")):
+        cfg = {**cfg, cfg["method"]: {**sec, "pretrain_dir": ""}}
+    return cfg
+
+
+def resolve_paths(cfg: dict, workdir: str | None) -> dict:
+    """``cfg`` with the paths a workdir stores relative to it made absolute: a frozen-backbone method's
+    ``pretrain_dir=""`` is ``<workdir>/pretrain`` (without a workdir it stays ``""``: in memory only)."""
+    sec = cfg.get(cfg["method"], {})
+    if workdir and isinstance(sec, dict) and sec.get("pretrain_dir") == "":
+        cfg = {**cfg, cfg["method"]: {**sec, "pretrain_dir": os.path.abspath(os.path.join(workdir, "pretrain"))}}
+    return cfg
+
+
+def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
+    """:func:`run` with ``cfg`` in its stored form, the workdir (if any) locked."""
+    bench, ctx, method = build(resolve_paths(cfg, workdir))
     tcfg = train_config(cfg)
     rows: list[dict] = []
     kw: dict = {}
@@ -138,10 +170,10 @@ def run(cfg: dict, workdir: str | None = None, progress: bool = True, fresh: boo
         **out.get("report", {}),  # optional per-method extras (Method.report), e.g. mask_density
     }
     results = _jsonable(results)
-    if workdir:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
+    if workdir:  # each file atomically: a kill leaves the previous version or the new one
+        with wd.atomic_open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
-        with open(os.path.join(workdir, "metrics.csv"), "w", newline="") as f:
+        with wd.atomic_open(os.path.join(workdir, "metrics.csv"), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["task", "epoch", "loss", "seconds"])
             w.writeheader()
             w.writerows(rows)
