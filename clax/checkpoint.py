@@ -383,18 +383,6 @@ def progress_from(state: dict, meta: dict) -> Any:
         epoch_losses=[float(v) for v in meta.get("epoch_losses", [])])
 
 
-def move_aside(workdir: str) -> Optional[str]:
-    """Renames a non-empty ``workdir`` to ``workdir.old-N`` (the first free N); returns the new path."""
-    workdir = os.path.normpath(workdir)
-    if not os.path.isdir(workdir) or not os.listdir(workdir):
-        return None
-    n = 1
-    while os.path.exists(f"{workdir}.old-{n}"):
-        n += 1
-    os.rename(workdir, f"{workdir}.old-{n}")
-    return f"{workdir}.old-{n}"
-
-
 def load_resume(workdir: str, config: dict, method, tx,
                 say: Callable[[str], None] = _say) -> Optional[tuple[Any, Any, list]]:
     """``(train_state, progress, metrics rows)`` to resume the run of ``config`` in ``workdir``, or None
