@@ -35,7 +35,7 @@ def _bench(num_tasks: int, classes: int = 10, n: int = 64) -> Benchmark:
     k = num_tasks * classes
     y = np.repeat(np.arange(k), max(1, n // classes))
     x = rng.random((len(y), 32, 32, 3), np.float32)
-    return Benchmark.from_arrays("synthetic", x, y, x[:k], y[:k],
+    return Benchmark.from_arrays("synthetic", x, y, x, y,  # every task needs test samples
                                  [list(range(t * classes, (t + 1) * classes)) for t in range(num_tasks)])
 
 

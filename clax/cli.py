@@ -122,8 +122,47 @@ def cmd_list(args) -> int:
     return 0
 
 
+#: absl warnings that Orbax prints on every read-only checkpoint manager (resume, inspect, eval) and that
+#: tell the user nothing
+_NOISE = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+
+def quiet_absl() -> None:
+    """Drops the absl warnings in :data:`_NOISE` (idempotent); other absl messages pass."""
+    import logging
+
+    log = logging.getLogger("absl")
+    if any(getattr(f, "_clax", False) for f in log.filters):
+        return
+
+    def keep(record) -> bool:
+        return not str(record.getMessage()).startswith(_NOISE)
+
+    keep._clax = True
+    log.addFilter(keep)
+
+
+def _close_bars() -> None:
+    """Closes the progress bars still open (a run stopped by an exception), so that the message that
+    follows starts on its own line: on a terminal the bar's line is cleared, elsewhere (a log file)
+    a newline ends it."""
+    try:
+        from tqdm.std import tqdm
+    except ImportError:
+        return
+    bars = [b for b in list(getattr(tqdm, "_instances", [])) if not getattr(b, "disable", True)]
+    for bar in bars:
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot be closed is not worth another error
+            pass
+    if bars and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        print(file=sys.stderr)
+
+
 def main(argv=None) -> int:
     """Entry point of the ``clax`` command."""
+    quiet_absl()
     p = _Parser(prog="clax", description="Continual learning in JAX.")
     sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
     r = sub.add_parser("run", help="train and evaluate (no --method: every method, one table)")
@@ -150,24 +189,37 @@ def main(argv=None) -> int:
 
 
 def guarded(fn: Callable[..., int], *args) -> int:
-    """``fn(*args)``, with clax's exit codes: a user error (``ValueError``, ``FileNotFoundError``) prints
-    one line ``clax: error: ...`` and gives 2, a diverged run (:class:`clax.train.NonFiniteLossError`)
-    3, Ctrl-C 130. Used by the ``clax`` command and the experiment scripts."""
+    """``fn(*args)``, with clax's exit codes: a user error (``ValueError``; an ``OSError`` such as a
+    file that cannot be read or written) prints one line ``clax: error: ...`` and gives 2, a diverged
+    run (:class:`clax.train.NonFiniteLossError`) 3, Ctrl-C 130. Each message starts on its own line
+    (open progress bars are closed first). Used by the ``clax`` command and the experiment scripts."""
     try:
         return fn(*args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"clax: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:
+        _close_bars()
+        print(f"clax: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except RuntimeError as e:
         from clax.train import NonFiniteLossError
 
         if not isinstance(e, NonFiniteLossError):
             raise
-        print(f"clax: error: {e}", file=sys.stderr)
+        _close_bars()
+        print(f"clax: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
+        _close_bars()
         print("clax: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(e: Exception) -> str:
+    """An exception's message on one line (an ``OSError`` as ``strerror: filename``)."""
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        msg = f"{e.strerror}: {e.filename}"
+    else:
+        msg = str(e) or type(e).__name__
+    return " ".join(msg.split())
 
 
 if __name__ == "__main__":

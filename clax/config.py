@@ -1,20 +1,24 @@
 """Run configuration as plain nested dicts, with typed ``key=value`` overrides.
 
 A config has the sections ``train`` (:class:`clax.train.TrainConfig`), ``backbone`` (its ``name`` and
-that backbone's settings) and one named after the method holding the method's settings, beside the
-top-level ``method``, ``benchmark``, ``scenario`` and ``seed``. :func:`apply_overrides` refuses
-unknown keys and values of the wrong type, naming the key.
+that backbone's settings), ``checkpoint`` and one named after the method holding the method's settings,
+beside the top-level ``method``, ``benchmark``, ``scenario``, ``seed`` and ``data_dir``.
+:func:`apply_overrides` refuses unknown keys and values of the wrong type, naming the key;
+:func:`validate` checks every value's type and range without loading data or building anything, and
+:func:`check_workdir` that a workdir can be written (and moved aside) before a run touches it.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
+import os
 from typing import Any, Iterable
 
 from clax.data import BENCHMARKS, SCENARIOS
-from clax.methods import METHODS
-from clax.models import BACKBONES
+from clax.methods import METHODS, check_method_settings
+from clax.models import BACKBONES, check_backbone_settings
+from clax.settings import NON_NEGATIVE_INT, POSITIVE_INT, check_value
 from clax.train import TrainConfig
 
 
@@ -23,6 +27,7 @@ class ConfigError(ValueError):
 
 
 def check_name(kind: str, name: str, valid: Iterable[str]) -> None:
+    """Raises :class:`ConfigError` when ``name`` is not one of ``valid``, listing them."""
     valid = sorted(valid)
     if name not in valid:
         raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(valid)}")
@@ -113,3 +118,83 @@ def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
 def train_config(cfg: dict) -> TrainConfig:
     """The :class:`TrainConfig` of a config (its ``seed`` is the config's)."""
     return TrainConfig(**{**cfg["train"], "seed": cfg["seed"]})
+
+
+#: the ``checkpoint`` section: ``every_steps`` (0: only at task ends) and ``keep`` (in-task checkpoints kept)
+CHECKPOINT_RULES = {"every_steps": NON_NEGATIVE_INT, "keep": POSITIVE_INT}
+
+
+def validate(cfg: dict) -> None:
+    """Checks every setting of ``cfg``: the names, ``seed`` (an integer >= 0), the ``train`` section
+    (:class:`~clax.train.TrainConfig`), ``checkpoint`` (``keep >= 1``, ``every_steps >= 0``), the
+    backbone's settings and the method's (types and ranges; each factory checks again what depends on
+    the stream). Nothing is loaded, built or written, so a run can call it before touching its workdir.
+
+    Raises:
+      ConfigError: naming the first bad key (``train.lr``, ``checkpoint.keep``, ``backbone.nf``,
+        ``replay.buffer_size``) and its value.
+    """
+    try:
+        for key in ("method", "benchmark", "scenario", "seed", "train", "backbone"):
+            if key not in cfg:
+                raise ConfigError(f"the config has no {key!r}")
+        check_name("method", cfg["method"], METHODS)
+        check_name("benchmark", cfg["benchmark"], BENCHMARKS)
+        check_name("scenario", cfg["scenario"], SCENARIOS)
+        if not isinstance(cfg.get("data_dir", ""), str):
+            raise ConfigError(f"data_dir must be a string, got {cfg['data_dir']!r}")
+        train_config(cfg)
+        sec = cfg.get("checkpoint", {})
+        for k, rule in CHECKPOINT_RULES.items():
+            if k in sec:
+                check_value(f"checkpoint.{k}", sec[k], rule)
+        bb = dict(cfg["backbone"])
+        check_backbone_settings(bb.pop("name", None), bb)
+        check_method_settings(cfg["method"], cfg.get(cfg["method"], {}))
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_workdir(workdir: str, fresh: bool = False) -> None:
+    """Checks, before anything is written, that ``workdir`` can hold a run: it is a directory or can
+    be made one (no file in the way, no name too long for the file system, writable), and with
+    ``fresh`` that an existing one can be moved aside (not the current directory or one above it, a
+    writable parent, a free ``.old-N`` name).
+
+    Raises:
+      ConfigError: naming the workdir and what is wrong.
+    """
+    if not isinstance(workdir, str) or not workdir:
+        raise ConfigError(f"workdir must be a non-empty path, got {workdir!r}")
+    path = os.path.abspath(workdir)
+    probe = path
+    while not os.path.lexists(probe):  # the nearest existing ancestor
+        probe = os.path.dirname(probe)
+    try:
+        name_max = os.pathconf(probe if os.path.isdir(probe) else os.path.dirname(probe), "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for part in path.split(os.sep):
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(f"workdir {workdir}: the name {part[:40]}... has {len(os.fsencode(part))} bytes; "
+                              f"the file system allows {name_max}")
+    if fresh and len(os.fsencode(os.path.basename(path))) + len(".old-999") > name_max:
+        raise ConfigError(f"workdir {workdir}: its name is too long to move it aside as {os.path.basename(path)}"
+                          f".old-N (the file system allows {name_max} bytes); use a shorter --workdir")
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ConfigError(f"workdir {workdir} is a file, not a directory; use another --workdir")
+    if probe != path and not os.path.isdir(probe):
+        raise ConfigError(f"workdir {workdir}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"workdir {workdir}: {probe} is not writable")
+    if fresh and os.path.isdir(path) and os.listdir(path):
+        cwd = os.path.realpath(os.getcwd())
+        real = os.path.realpath(path)
+        if cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep) or real == os.sep:
+            raise ConfigError(f"--fresh cannot move workdir {workdir} aside: it is the current directory or "
+                              f"one above it; run from outside it (e.g. from {os.path.dirname(real)})")
+        parent = os.path.dirname(real)
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"--fresh cannot move workdir {workdir} aside: {parent} is not writable")

@@ -15,7 +15,13 @@ and, found by the leaf's name so that any method gets them by naming its leaves 
   written to ``WORKDIR/inspect/`` (or ``--png-dir``).
 
 ``eval`` rebuilds the method from the saved config, restores its state and re-evaluates every finished
-task on the benchmark's test sets, comparing with the saved accuracy matrix.
+task on the benchmark's test sets, comparing with the saved accuracy matrix; it says which tasks it
+compared (none for a checkpoint inside a task: the matrix holds accuracies after finished tasks only).
+
+Both are read-only: they never train, never pretrain and write nothing outside the workdir (``inspect``
+writes prototype PNGs under ``WORKDIR/inspect/`` unless given ``--png-dir``). The method is rebuilt
+with :func:`readonly_config`: a frozen-backbone method takes its frozen weights from the checkpoint,
+which holds them, so the saved config's pretraining settings (a cache directory anywhere) are not used.
 """
 from __future__ import annotations
 
@@ -103,6 +109,25 @@ def save_image_grid(a: np.ndarray, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
+def readonly_config(cfg: dict) -> dict:
+    """``cfg`` for rebuilding a saved run's method without training, pretraining or writing anything:
+    a frozen-backbone method (one with a ``pretrained`` setting, CLR and Soft-TF) gets
+    ``pretrained="none"`` and no pretraining cache (``pretrain_dir=""``). Its state, the frozen weights
+    included, comes from the checkpoint; the rebuilt method only has to give the state's structure, which
+    does not depend on where the weights came from. (A checkpoint given as ``backbone.pretrained`` is
+    still read: it can change the backbone's shapes.)"""
+    from clax.methods import METHODS
+    from clax.methods.frozen import PRETRAIN_DEFAULTS
+
+    name = cfg.get("method")
+    spec = METHODS.get(name)
+    if spec is None or not set(PRETRAIN_DEFAULTS) <= set(spec.defaults):
+        return cfg
+    sec = dict(cfg.get(name) or {})
+    sec.update(pretrained="none", pretrain_dir="")
+    return {**cfg, name: sec}
+
+
 def _task_bytes(cfg: dict, cl: dict, T: int, row_bytes: int) -> tuple[list[int], str]:
     """Bytes stored per task: the per-task row plus the method's ``task_bytes`` where it has one."""
     try:
@@ -112,7 +137,7 @@ def _task_bytes(cfg: dict, cl: dict, T: int, row_bytes: int) -> tuple[list[int],
         from clax.partition import CLState
         from clax.runner import build
 
-        method = build(cfg)[2]
+        method = build(readonly_config(cfg))[2]
         if method.task_bytes is None:
             return [row_bytes] * T, "per-task row"
         state = CLState(**{k: jax.tree.map(jnp.asarray, cl[k]) for k in PARTITIONS})
@@ -228,11 +253,14 @@ def format_description(d: dict) -> str:
 
 
 def evaluate_workdir(workdir: str) -> dict:
-    """Re-evaluates the newest intact checkpoint of ``workdir`` on its benchmark's test sets.
+    """Re-evaluates the newest intact checkpoint of ``workdir`` on its benchmark's test sets, without
+    training, pretraining or writing anything (see :func:`readonly_config`).
 
     Returns:
-      ``{"step", "tasks_done", "accuracy": [per evaluated task], "saved": [the saved accuracy matrix's
-      row for that state, None where absent], "matches": bool}``.
+      ``{"step", "num_tasks", "tasks_done", "task_step", "accuracy": [per evaluated task], "saved": [the
+      saved accuracy matrix's row for that state, None where absent], "compared": [the tasks whose
+      accuracy was compared with a saved one], "matches": bool}``. A checkpoint inside a task compares
+      nothing (the matrix holds the accuracies after finished tasks only); ``matches`` is then True.
     """
     from clax.config import train_config
     from clax.runner import build
@@ -244,7 +272,7 @@ def evaluate_workdir(workdir: str) -> dict:
     if found is None:
         raise FileNotFoundError(f"no readable checkpoint in {ckpt.checkpoint_dir(workdir)}")
     step, state, cfg, meta = found
-    bench, ctx, method = build(cfg)
+    bench, ctx, method = build(readonly_config(cfg))
     tcfg = train_config(cfg)
     tx = make_optimizer(tcfg)
     ts = ckpt.restore_train_state(state["train_state"], method, tx)
@@ -256,10 +284,12 @@ def evaluate_workdir(workdir: str) -> dict:
     saved = [None] * n
     if done and not int(meta["task_step"]):
         saved = [None if not np.isfinite(v) else float(v) for v in A[done - 1, :n]]
-    matches = all(s is None or s == a for s, a in zip(saved, acc))
+    compared = [c for c, s in enumerate(saved) if s is not None]
+    matches = all(saved[c] == acc[c] for c in compared)
     return {"workdir": os.path.abspath(workdir), "step": int(step), "method": cfg["method"],
-            "benchmark": cfg["benchmark"], "scenario": cfg["scenario"], "tasks_done": done, "accuracy": acc,
-            "saved": saved, "matches": matches}
+            "benchmark": cfg["benchmark"], "scenario": cfg["scenario"], "num_tasks": T, "tasks_done": done,
+            "task_step": int(meta["task_step"]), "accuracy": acc, "saved": saved, "compared": compared,
+            "matches": matches}
 
 
 def cmd_inspect(args) -> int:
@@ -275,12 +305,26 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(r, indent=1))
     else:
+        inside = f", inside task {r['tasks_done']} (step {r['task_step']} of the task)" if r["task_step"] else ""
         print(f"{r['method']} on {r['benchmark']} ({r['scenario'].upper()}), checkpoint step {r['step']}, "
-              f"{r['tasks_done']} tasks done")
+              f"{r['tasks_done']} of {r['num_tasks']} tasks done{inside}")
         for c, (a, s) in enumerate(zip(r["accuracy"], r["saved"])):
             print(f"  task {c}: {a:.4f}" + ("" if s is None else f"  (saved {s:.4f})"))
-        print("matches the saved accuracy matrix" if r["matches"] else "DIFFERS from the saved accuracy matrix")
+        print(_compared_line(r))
     return 0 if r["matches"] else 1
+
+
+def _compared_line(r: dict) -> str:
+    """The last line of ``clax eval``: which tasks were compared with the saved accuracy matrix."""
+    if not r["compared"]:
+        return (f"compared nothing: the checkpoint is inside task {r['tasks_done']}, and the saved accuracy "
+                f"matrix holds the accuracies after finished tasks only")
+    tasks = ", ".join(map(str, r["compared"]))
+    which = f"tasks {tasks}" if len(r["compared"]) > 1 else f"task {tasks}"
+    row = f"its row after task {r['tasks_done'] - 1}" + (
+        "" if r["tasks_done"] >= r["num_tasks"] else f", of {r['num_tasks']}: the run is unfinished")
+    verdict = "match" if r["matches"] else "DIFFER"
+    return f"compared {which} with the saved accuracy matrix ({row}): {verdict}"
 
 
 def add_commands(sub) -> None:

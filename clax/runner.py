@@ -17,9 +17,9 @@ import numpy as np
 
 from clax import checkpoint as ckpt
 from clax import workdir as wd
-from clax.config import check_name, train_config
+from clax.config import check_workdir, train_config, validate
 from clax.data import BENCHMARKS, get_benchmark
-from clax.methods import METHODS, get_method
+from clax.methods import get_method
 from clax.models import backbone_view, get_backbone
 from clax.plot import accuracy_heatmap
 from clax.train import NonFiniteLossError, fit, make_context, make_optimizer
@@ -79,10 +79,9 @@ def _jsonable(x: Any) -> Any:
 
 
 def build(cfg: dict):
-    """``(benchmark, context, method)`` for a config."""
-    check_name("method", cfg["method"], METHODS)
-    check_name("benchmark", cfg["benchmark"], BENCHMARKS)
-    train_config(cfg)  # bad training settings fail here, before any data loads
+    """``(benchmark, context, method)`` for a config; every setting is checked first
+    (:func:`clax.config.validate`: a ``ConfigError`` naming the key), before any data loads."""
+    validate(cfg)
     bb = dict(cfg["backbone"])
     name = bb.pop("name")
     from clax.data.pipeline import benchmark_kwargs
@@ -109,8 +108,10 @@ def run(cfg: dict, workdir: str | None = None, progress: bool = True, fresh: boo
     Returns:
       The JSON-ready results (the content of ``results.json``).
     """
+    validate(cfg)  # every setting, and the workdir, checked before the workdir is locked, moved or written
     if not workdir:
         return _run(cfg, None, progress, fresh)
+    check_workdir(workdir, fresh)
     cfg = workdir_config(cfg, workdir)
     with wd.lock(workdir):  # one run per workdir, held until the last file is written
         return _run(cfg, workdir, progress, fresh)
@@ -143,6 +144,7 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
     rows: list[dict] = []
     kw: dict = {}
     if workdir:
+        ckpt.train_state_target(method, make_optimizer(tcfg))  # a dry init: what fails there fails before a move
         kw, rows = _checkpointing(cfg, workdir, method, tcfg, fresh)
     try:
         out = fit(method, ctx, bench, tcfg, progress=progress, log=rows.append, **kw)

@@ -96,7 +96,24 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        lr_at(self, 0)  # a bad schedule is an error where the config is made, before any data loads
+        """Checks every setting where the config is made, before any data loads.
+
+        Raises:
+          ValueError: naming the setting as the config spells it (``train.lr``, ``seed``) and its value.
+        """
+        from clax.settings import (NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Rule, between,
+                                   check_value, one_of)
+
+        rules = {"epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "eval_batch_size": POSITIVE_INT,
+                 "optimizer": one_of(*OPTIMIZERS), "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
+                 "momentum": between(0, 1, "[)"), "clip": NON_NEGATIVE, "lr_schedule": Rule("str"),
+                 "seed": NON_NEGATIVE_INT}
+        for f in dataclasses.fields(self):
+            check_value("seed" if f.name == "seed" else f"train.{f.name}", getattr(self, f.name), rules[f.name])
+        lr_at(self, 0)  # a bad schedule is an error here too
+        parts = self.lr_schedule.split(":")
+        if parts[0] == "step" and not (math.isfinite(float(parts[2])) and float(parts[2]) > 0):
+            raise ValueError(f"train.lr_schedule {self.lr_schedule!r}: GAMMA must be a finite number > 0")
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:

@@ -1,4 +1,5 @@
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -103,3 +104,88 @@ def test_masks_task_embeddings_and_prototypes_are_found_by_name(tmp_path):
     assert one["masks"][0]["per_task"] == {"1": 0.5}
     by_path = {t["path"]: t for t in one["task_distances"]}
     np.testing.assert_allclose(by_path["per_task/emb"]["from_task"], want[1], rtol=1e-12, atol=1e-12)
+
+
+def _snapshot(root) -> dict:
+    """Every path under ``root`` with, for files, its bytes and modification time."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs:
+            out[os.path.relpath(os.path.join(d, n), root)] = "dir"
+        for n in files:
+            p = os.path.join(d, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = (f.read(), os.stat(p).st_mtime_ns)
+    return out
+
+
+def test_inspect_and_eval_write_nothing_and_never_pretrain(tmp_path, capsys, monkeypatch):
+    """A CLR checkpoint whose config was tampered with to pretrain on glyphs into a folder outside the
+    workdir: inspect and eval read the frozen backbone from the checkpoint, pretrain nothing and write
+    nothing anywhere; eval of an unfinished run says which tasks it compared."""
+    import clax.pretrain
+    from clax.config import apply_overrides, default_config, train_config
+    from clax.runner import build
+    from clax.train import make_optimizer, trainable
+
+    elsewhere = tmp_path / "elsewhere"
+    cfg = apply_overrides(default_config("clr"), ["backbone.nf=2", "clr.pretrained=glyphs", "clr.pretrain_steps=1",
+                                                  "clr.pretrain_seed=12345", f"clr.pretrain_dir={elsewhere}"])
+    calls = []
+
+    def no_pretraining(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("pretraining ran")
+
+    monkeypatch.setattr(clax.pretrain, "pretrain", no_pretraining)
+    _, ctx, method = build(apply_overrides(cfg, ["clr.pretrained=none"]))  # the state's structure
+    tx = make_optimizer(train_config(cfg))
+    cl = jax.jit(method.init)(jax.random.PRNGKey(1))
+    T = ctx.num_tasks
+    w = tmp_path / "w"
+    mngr = ckpt.manager(str(w))
+
+    def save(step, done, task_step, A):
+        ts = TrainState(cl, tx.init(trainable(cl, 0)), jax.random.PRNGKey(2), jnp.asarray(step, jnp.int32))
+        ckpt.save_progress(mngr, ts, Progress(done, task_step, A, None, task_key=jax.random.PRNGKey(3)
+                                              if task_step else None, epoch_losses=[0.5] * task_step), cfg)
+        mngr.wait_until_finished()
+
+    A = np.full((T, T), np.nan)
+    A[:2, :2] = 0.25  # not what eval will find: it must say it differs
+    save(10, 2, 0, A)  # after task 1 of 5
+    capsys.readouterr()
+    before = _snapshot(tmp_path)
+    assert main(["inspect", str(w), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["bytes_per_task_from"] == "per-task row + method.task_bytes"  # the method was rebuilt
+    assert main(["eval", str(w)]) == 1
+    out = capsys.readouterr().out
+    assert "2 of 5 tasks done" in out
+    assert "compared tasks 0, 1 with the saved accuracy matrix (its row after task 1, of 5: the run is " \
+           "unfinished): DIFFER" in out
+    assert _snapshot(tmp_path) == before
+    save(13, 2, 3, A)  # inside task 2
+    before = _snapshot(tmp_path)
+    assert main(["eval", str(w), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["compared"] == [] and r["task_step"] == 3 and len(r["accuracy"]) == 3
+    assert main(["eval", str(w)]) == 0
+    assert "compared nothing: the checkpoint is inside task 2" in capsys.readouterr().out
+    assert _snapshot(tmp_path) == before and not elsewhere.exists() and calls == []
+
+
+def test_resume_inspect_and_eval_print_no_orbax_read_only_warnings(finished, caplog, capsys):
+    """Orbax's absl warnings about read-only checkpoint managers ("CheckpointManagerOptions.read_only=True,
+    setting save_interval_steps=0.", "Given directory is read only=...") are dropped."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        assert main(["run", "--method", "replay", "--scenario", "til", "--epochs", "1", "--quiet",
+                     "--workdir", str(finished)]) == 0  # resumes the finished run
+        assert main(["inspect", str(finished)]) == 0
+        assert main(["eval", str(finished)]) == 0
+    noise = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and (
+        "read_only=True" in r.getMessage() or "read only" in r.getMessage())]
+    assert noise == []
+    assert "resuming" in capsys.readouterr().err

@@ -23,20 +23,31 @@ from clax.data.stream import Benchmark
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".webp", ".tif", ".tiff")
 
 
+def read_image(path: str) -> np.ndarray:
+    """The image at ``path`` decoded into a uint8 RGB array ``[H, W, 3]``.
+
+    Raises:
+      ValueError: the file cannot be read or decoded (corrupt, truncated, not an image), naming it.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated data, ...
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"cannot read image {path}: {why}; remove or replace the file") from None
+
+
 class FileReader:
-    """``reader(indices)``: decodes ``paths[i]`` for each index into a uint8 RGB array."""
+    """``reader(indices)``: decodes ``paths[i]`` for each index into a uint8 RGB array (a file that
+    cannot be decoded is a ValueError naming it, see :func:`read_image`)."""
 
     def __init__(self, paths):
         self.paths = list(paths)
 
     def __call__(self, indices):
-        from PIL import Image
-
-        out = []
-        for i in indices:
-            with Image.open(self.paths[i]) as im:
-                out.append(np.asarray(im.convert("RGB")))
-        return out
+        return [read_image(self.paths[i]) for i in indices]
 
 
 def _images_in(folder: str) -> list[str]:
@@ -83,10 +94,7 @@ def scan_split(root: str, split: str, classes: list[str] | None = None):
 
 
 def _native_size(path: str) -> int:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return int(max(im.size))
+    return int(max(read_image(path).shape[:2]))
 
 
 def _subsample(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:

@@ -119,14 +119,38 @@ class Benchmark:
         class_order: Sequence[Sequence[int]],
         class_names: Sequence[str] | None = None,
     ) -> "Benchmark":
-        """Splits a labelled data set into tasks by class: task t holds ``class_order[t]``."""
+        """Splits a labelled data set into tasks by class: task t holds ``class_order[t]``.
+
+        Raises:
+          ValueError: naming the problem: a task without classes or without training or test samples,
+            a label that belongs to no task, a repeated class, mismatched shapes.
+        """
         x_train, x_test = np.asarray(x_train, np.float32), np.asarray(x_test, np.float32)
         y_train, y_test = np.asarray(y_train), np.asarray(y_test)
         if x_train.shape[1:] != x_test.shape[1:]:
             raise ValueError(f"train images {x_train.shape[1:]} and test images {x_test.shape[1:]} differ")
+        for split, y in (("y_train", y_train), ("y_test", y_test)):
+            if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.size == 0):
+                raise ValueError(f"{split} must be a 1-d array of integer labels, got shape {y.shape}, "
+                                 f"dtype {y.dtype}")
+        class_order = [list(cs) for cs in class_order]
+        if not class_order:
+            raise ValueError(f"benchmark {name!r}: class_order is empty (no tasks)")
         every = [c for cs in class_order for c in cs]
         if len(set(every)) != len(every):
             raise ValueError(f"class_order {class_order} repeats a class")
+        for t, cs in enumerate(class_order):
+            if not cs:
+                raise ValueError(f"benchmark {name!r}: task {t} of class_order has no classes")
+        for split, y in (("y_train", y_train), ("y_test", y_test)):
+            stray = np.setdiff1d(np.unique(y), np.asarray(every))
+            if stray.size:
+                raise ValueError(f"benchmark {name!r}: label {int(stray[0])} in {split} belongs to no task "
+                                 f"of class_order ({stray.size} such label{'s' if stray.size > 1 else ''})")
+        for t, cs in enumerate(class_order):
+            for split, y in (("training", y_train), ("test", y_test)):
+                if not np.isin(y, cs).any():
+                    raise ValueError(f"benchmark {name!r}: task {t} (classes {cs}) has no {split} samples")
         num_classes = int(max(int(y_train.max()), int(y_test.max()), max(every)) + 1)
         tasks = []
         for t, cs in enumerate(class_order):

@@ -26,21 +26,27 @@ import jax.numpy as jnp
 
 from clax import partition as P
 from clax.methods.base import Context, Method, TaskData
-from clax.methods.frozen import PRETRAIN_DEFAULTS, by_task, check_trained, frozen_backbone, mark_trained
+from clax.methods.frozen import PRETRAIN_DEFAULTS, PRETRAIN_RULES, by_task, check_trained, frozen_backbone, mark_trained
 from clax.partition import CLState
+from clax.settings import Rule, check_settings
 from clax.transforms import classifier, reprogram
 
 CLR_DEFAULTS = {"kernel_size": 3, "full": False, **{**PRETRAIN_DEFAULTS, "pretrain_steps": 120}}
+CLR_RULES = {"kernel_size": Rule("int", lambda v: v >= 1 and v % 2 == 1, "a positive odd number"), **PRETRAIN_RULES}
 
 
 def clr(ctx: Context, **settings) -> Method:
     """CLR with settings ``kernel_size`` (of the depthwise layers), ``full`` (also wrap 1x1
     convolutions) and the pretraining settings of :data:`clax.methods.frozen.PRETRAIN_DEFAULTS`."""
-    s = {**CLR_DEFAULTS, **settings}
+    s = check_settings("clr", CLR_DEFAULTS, settings, CLR_RULES)
     if ctx.scenario != "til":
         raise ValueError(f"method 'clr' supports scenario 'til' only (its task id picks the reprogramming), "
                          f"got scenario {ctx.scenario!r}")
     T = ctx.num_tasks
+    # the reprogramming's own checks (kernel size, a convolution to wrap) on the backbone's shapes, before
+    # any pretraining
+    jax.eval_shape(lambda k: reprogram.init(ctx.backbone.init(k)[0], T, int(s["kernel_size"]), bool(s["full"])),
+                   jax.random.PRNGKey(0))
     params, stats, pre_report = frozen_backbone(ctx, s, "clr")
     module = ctx.backbone.module
     out_mask = ctx.output_mask()

@@ -13,16 +13,16 @@ import optax
 
 from clax.methods.base import Context, Method, TaskData
 from clax.methods.finetune import classifier_method
+from clax.settings import NON_NEGATIVE, POSITIVE_INT, check_settings
 from clax.transforms import classifier
 
 EWC_DEFAULTS = {"lambda": 1e5, "fisher_samples": 256}
+EWC_RULES = {"lambda": NON_NEGATIVE, "fisher_samples": POSITIVE_INT}
 
 
 def ewc(ctx: Context, **settings) -> Method:
     """EWC with settings ``lambda`` (penalty strength) and ``fisher_samples`` (per task)."""
-    s = {**EWC_DEFAULTS, **settings}
-    if s["lambda"] < 0:
-        raise ValueError(f"ewc.lambda must be >= 0, got {s['lambda']}")
+    s = check_settings("ewc", EWC_DEFAULTS, settings, EWC_RULES)
     base = classifier_method("ewc", ctx)
 
     def init(key):

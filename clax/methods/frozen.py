@@ -11,11 +11,13 @@ import numpy as np
 from clax.methods.base import Context, Method
 from clax.partition import CLState
 from clax.pretrain import pretrained_backbone
+from clax.settings import NON_NEGATIVE_INT, POSITIVE_INT
 
 #: settings every frozen-backbone method has (see :func:`clax.pretrain.pretrained_backbone`): ``pretrained``
 #: is ``"auto"`` (the checkpoint of ``backbone.pretrained=PATH`` frozen as loaded, else glyph pretraining),
 #: ``"glyphs"``, ``"none"`` or a ``.msgpack`` path.
 PRETRAIN_DEFAULTS = {"pretrained": "auto", "pretrain_steps": 200, "pretrain_seed": 0, "pretrain_dir": ""}
+PRETRAIN_RULES = {"pretrain_steps": POSITIVE_INT, "pretrain_seed": NON_NEGATIVE_INT}
 
 
 def frozen_backbone(ctx: Context, s: dict, method: str):

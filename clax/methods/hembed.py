@@ -50,7 +50,8 @@ import numpy as np
 import optax
 
 from clax.methods.base import Context, Method, TaskData
-from clax.methods.hnet import HNET_DEFAULTS, build_hnet, local_targets, make_target
+from clax.methods.hnet import HNET_DEFAULTS, HNET_RULES, build_hnet, local_targets, make_target
+from clax.settings import POSITIVE, POSITIVE_INT, check_settings, one_of
 from clax.transforms import hscore as HS
 from clax.transforms import hypernet as H
 
@@ -71,6 +72,9 @@ GUIDANCE = ("h", "none", "random")
 CHOICES = {"guidance": GUIDANCE, "distance_form": ("direct", "reciprocal"),
            "decoder_input": ("chunks", "embedding"), "decoder": ("per_task", "shared"),
            "random_dist": ("normal", "uniform")}
+HEMBED_RULES = {**HNET_RULES, **{k: one_of(*v) for k, v in CHOICES.items()}, "hscore_samples": POSITIVE_INT,
+                "solve_steps": POSITIVE_INT, "solve_lr": POSITIVE, "decoder_hidden": POSITIVE_INT,
+                "decoder_lr": POSITIVE}
 
 
 def decoder_init(key: jax.Array, sizes) -> list[dict]:
@@ -91,15 +95,7 @@ def hembed(ctx: Context, **settings) -> Method:
     ``decoder_hidden``, ``decoder_input`` (chunks | embedding), ``decoder`` (per_task | shared),
     ``decoder_lr`` and ``random_dist`` (normal | uniform); see the module docstring for whose each
     choice is."""
-    s = {**HEMBED_DEFAULTS, **settings}
-    for k, valid in CHOICES.items():
-        if s[k] not in valid:
-            raise ValueError(f"hembed.{k} must be one of {', '.join(valid)}, got {s[k]!r}")
-    for k in ("hscore_samples", "solve_steps", "decoder_hidden"):
-        if not isinstance(s[k], int) or isinstance(s[k], bool) or s[k] <= 0:
-            raise ValueError(f"hembed.{k} must be a positive integer, got {s[k]!r}")
-    if not s["decoder_lr"] > 0:
-        raise ValueError(f"hembed.decoder_lr must be > 0, got {s['decoder_lr']!r}")
+    s = check_settings("hembed", HEMBED_DEFAULTS, settings, HEMBED_RULES)
     if s["guidance"] == "none":
         return build_hnet("hembed", ctx, s)
     tgt = make_target(ctx, s, "hembed")

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from clax import partition as P
 from clax.methods.base import Context, Method, TaskData
+from clax.settings import NON_NEGATIVE, POSITIVE, POSITIVE_INT, WIDTHS, check_settings
 from clax.partition import CLState
 from clax.transforms import hypernet as H
 from clax.transforms.classifier import NEG, cross_entropy, head_logits, init_head
@@ -47,6 +48,8 @@ HNET_DEFAULTS = {
     "lookahead_lr": 1e-3,
     "emb_std": 1.0,
 }
+HNET_RULES = {"chunk_size": POSITIVE_INT, "task_emb_dim": POSITIVE_INT, "chunk_emb_dim": POSITIVE_INT,
+              "hidden": WIDTHS, "beta": NON_NEGATIVE, "lookahead_lr": POSITIVE, "emb_std": POSITIVE}
 
 
 class Target(NamedTuple):
@@ -85,7 +88,7 @@ def hnet(ctx: Context, **settings) -> Method:
     """HNET with settings ``chunk_size``, ``task_emb_dim``, ``chunk_emb_dim``, ``hidden`` (the
     hypernetwork's widths), ``beta``, ``lookahead``, ``lookahead_lr`` and ``emb_std`` (initial std of
     the task and chunk embeddings)."""
-    return build_hnet("hnet", ctx, {**HNET_DEFAULTS, **settings})
+    return build_hnet("hnet", ctx, check_settings("hnet", HNET_DEFAULTS, settings, HNET_RULES))
 
 
 def output_regulariser(hn: H.Hypernet, hparams, embs: jax.Array, targets: jax.Array, t) -> jax.Array:

@@ -35,6 +35,7 @@ import numpy as np
 
 from clax import partition as P
 from clax.methods.base import Context, Method, TaskData
+from clax.settings import NON_NEGATIVE, POSITIVE, POSITIVE_INT, REGEX, between, check_settings, one_of
 from clax.transforms import batchnorm, classifier, consolidation
 from clax.transforms import variational_mask as vm
 
@@ -43,20 +44,16 @@ IBM_DEFAULTS = {
     "svd_samples": 256, "init_mu": 1.0, "init_logD": -10.0, "init_std": 0.01, "threshold": 0.0,
     "vb_lr_mult": 50.0, "layers": r"kernel$", "bn": "refresh",
 }
+IBM_RULES = {
+    "kl_fac": NON_NEGATIVE, "svd_every": POSITIVE_INT, "svd_var": between(0, 1, "(]"), "svd_samples": POSITIVE_INT,
+    "init_std": NON_NEGATIVE, "vb_lr_mult": POSITIVE, "layers": REGEX, "bn": one_of(*consolidation.BN_MODES),
+}
 
 
 def ibm(ctx: Context, **settings) -> Method:
     """IBM with the settings of ``IBM_DEFAULTS`` (see the module docstring; ``bn``: refresh | batch |
     running)."""
-    s = {**IBM_DEFAULTS, **settings}
-    if s["kl_fac"] < 0:
-        raise ValueError(f"ibm.kl_fac must be >= 0, got {s['kl_fac']}")
-    if not 0.0 < float(s["svd_var"]) <= 1.0:
-        raise ValueError(f"ibm.svd_var must be in (0, 1], got {s['svd_var']}")
-    if int(s["svd_every"]) < 1:
-        raise ValueError(f"ibm.svd_every must be >= 1, got {s['svd_every']}")
-    if float(s["vb_lr_mult"]) <= 0:
-        raise ValueError(f"ibm.vb_lr_mult must be > 0, got {s['vb_lr_mult']}")
+    s = check_settings("ibm", IBM_DEFAULTS, settings, IBM_RULES)
     bn = consolidation.check_bn("ibm.bn", s["bn"])
     T, scale = ctx.num_tasks, float(s["vb_lr_mult"])
     refresh = batchnorm.make_refresh(ctx.backbone.apply)

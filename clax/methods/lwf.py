@@ -15,10 +15,12 @@ import jax.numpy as jnp
 
 from clax.methods.base import Context, Method, TaskData
 from clax.methods.finetune import classifier_method
+from clax.settings import NON_NEGATIVE, POSITIVE, check_settings
 from clax.transforms import classifier
 from clax.transforms.distill import kd_loss
 
 LWF_DEFAULTS = {"alpha": 1.0, "temperature": 2.0}
+LWF_RULES = {"alpha": NON_NEGATIVE, "temperature": POSITIVE}
 
 
 def snapshot(cl) -> dict:
@@ -45,7 +47,7 @@ def old_task_logits(cl, ctx: Context, f, t):
 
 def lwf(ctx: Context, **settings) -> Method:
     """LwF with settings ``alpha`` (distillation weight) and ``temperature``."""
-    s = {**LWF_DEFAULTS, **settings}
+    s = check_settings("lwf", LWF_DEFAULTS, settings, LWF_RULES)
     base = classifier_method("lwf", ctx)
 
     def init(key):

@@ -20,16 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from clax.methods.base import Context, Method, TaskData
+from clax.settings import FRACTION, POSITIVE_INT, REGEX, check_settings, one_of
 from clax.transforms import batchnorm, binary_mask, classifier, consolidation
 
 PACKNET_DEFAULTS = {"prune": 0.5, "prune_after": 7, "layers": r"kernel$", "bn": "refresh"}
+PACKNET_RULES = {"prune": FRACTION, "prune_after": POSITIVE_INT, "layers": REGEX,
+                 "bn": one_of(*consolidation.BN_MODES)}
 
 
 def packnet(ctx: Context, **settings) -> Method:
     """PackNet with settings ``prune`` (fraction of a task's weights released, in (0, 1)),
     ``prune_after`` (epochs before pruning; the rest retrain), ``layers`` (masked weights' regex) and
     ``bn`` (test-time BatchNorm statistics: refresh | batch | running)."""
-    s = {**PACKNET_DEFAULTS, **settings}
+    s = check_settings("packnet", PACKNET_DEFAULTS, settings, PACKNET_RULES)
     prune = binary_mask.check_fraction("packnet.prune", s["prune"])
     if int(s["prune_after"]) < 1:
         raise ValueError(f"packnet.prune_after must be >= 1 epoch, got {s['prune_after']}")

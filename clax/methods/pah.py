@@ -77,6 +77,7 @@ import optax
 
 from clax.methods.base import Context, Method, TaskData
 from clax.partition import CLState
+from clax.settings import NON_NEGATIVE, POSITIVE, POSITIVE_INT, WIDTHS, check_settings, one_of
 from clax.transforms import hypernet as H
 from clax.transforms.classifier import NEG, cross_entropy, init_head
 from clax.transforms.distill import DIRECTIONS, kd_loss
@@ -100,6 +101,10 @@ PAH_DEFAULTS = {
 HNET_INITS = ("kaiming", "affine")
 PROTO_INPUTS = ("resize", "native")
 BN_MODES = ("running", "batch")
+PAH_RULES = {"proto_size": POSITIVE_INT, "proto_channels": POSITIVE_INT, "init": one_of("semantic", "random"),
+             "hidden": WIDTHS, "alpha": NON_NEGATIVE, "temperature": POSITIVE, "kd_direction": one_of(*DIRECTIONS),
+             "hnet_init": one_of(*HNET_INITS), "proto_input": one_of(*PROTO_INPUTS), "bn": one_of(*BN_MODES),
+             "proto_lr": POSITIVE, "proto_weight_decay": NON_NEGATIVE, "backbone_lr_scale": POSITIVE}
 #: the authors' KL_divergence clamps both probabilities at this value (only with kd_direction=student_teacher)
 KD_EPS = 1e-10
 
@@ -171,27 +176,10 @@ def pah(ctx: Context, **settings) -> Method:
     Raises:
       ValueError: a scenario other than TIL, or a bad setting (the message names it and its value).
     """
-    s = {**PAH_DEFAULTS, **settings}
+    s = check_settings("pah", PAH_DEFAULTS, settings, PAH_RULES)
     if ctx.scenario != "til":
         raise ValueError(f"pah is task-incremental (it generates one head per task id); scenario "
                          f"{ctx.scenario!r} is not supported, use scenario=til")
-    for k in ("proto_size", "proto_channels"):
-        if not isinstance(s[k], int) or s[k] <= 0:
-            raise ValueError(f"pah.{k} must be a positive integer, got {s[k]!r}")
-    if s["init"] not in ("semantic", "random"):
-        raise ValueError(f"pah.init must be 'semantic' or 'random', got {s['init']!r}")
-    if not s["backbone_lr_scale"] > 0:
-        raise ValueError(f"pah.backbone_lr_scale must be > 0, got {s['backbone_lr_scale']}")
-    if s["kd_direction"] not in DIRECTIONS:
-        raise ValueError(f"pah.kd_direction must be one of {', '.join(DIRECTIONS)}; got {s['kd_direction']!r}")
-    if s["hnet_init"] not in HNET_INITS:
-        raise ValueError(f"pah.hnet_init must be one of {', '.join(HNET_INITS)}; got {s['hnet_init']!r}")
-    if s["proto_input"] not in PROTO_INPUTS:
-        raise ValueError(f"pah.proto_input must be one of {', '.join(PROTO_INPUTS)}; got {s['proto_input']!r}")
-    if s["bn"] not in BN_MODES:
-        raise ValueError(f"pah.bn must be one of {', '.join(BN_MODES)}; got {s['bn']!r}")
-    if not isinstance(s["head_bias"], bool):
-        raise ValueError(f"pah.head_bias must be true or false, got {s['head_bias']!r}")
     geom = image_geometry(ctx.input_shape)
     if s["proto_channels"] not in (1, geom[2]):
         raise ValueError(f"pah.proto_channels must be 1 or the input's {geom[2]} channels, got {s['proto_channels']}")

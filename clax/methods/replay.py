@@ -12,9 +12,11 @@ import numpy as np
 
 from clax.methods.base import Context, Method, TaskData
 from clax.methods.finetune import classifier_method
+from clax.settings import POSITIVE_INT, check_settings
 from clax.transforms import classifier
 
 REPLAY_DEFAULTS = {"buffer_size": 200}
+REPLAY_RULES = {"buffer_size": POSITIVE_INT}
 
 
 def reservoir_update(buffer: dict, x: np.ndarray, y: np.ndarray, tid: np.ndarray, rng) -> dict:
@@ -33,9 +35,7 @@ def reservoir_update(buffer: dict, x: np.ndarray, y: np.ndarray, tid: np.ndarray
 
 def replay(ctx: Context, **settings) -> Method:
     """Experience replay with setting ``buffer_size`` (number of stored samples)."""
-    s = {**REPLAY_DEFAULTS, **settings}
-    if int(s["buffer_size"]) < 1:
-        raise ValueError(f"replay.buffer_size must be >= 1, got {s['buffer_size']}")
+    s = check_settings("replay", REPLAY_DEFAULTS, settings, REPLAY_RULES)
     size = int(s["buffer_size"])
     base = classifier_method("replay", ctx)
 

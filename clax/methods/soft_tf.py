@@ -58,8 +58,9 @@ from flax.traverse_util import flatten_dict
 
 from clax import partition as P
 from clax.methods.base import Context, Method, TaskData
-from clax.methods.frozen import PRETRAIN_DEFAULTS, by_task, check_trained, frozen_backbone, mark_trained
+from clax.methods.frozen import PRETRAIN_DEFAULTS, PRETRAIN_RULES, by_task, check_trained, frozen_backbone, mark_trained
 from clax.partition import CLState
+from clax.settings import FRACTION, NON_NEGATIVE, POSITIVE_INT, REGEX, between, check_settings, one_of
 from clax.transforms import binary_mask, classifier, prompt, soft_mask
 
 SOFT_TF_DEFAULTS = {"masked_blocks": 3, "mask_filter": "", "binary": False, "keep": 0.9,
@@ -69,6 +70,10 @@ SOFT_TF_DEFAULTS = {"masked_blocks": 3, "mask_filter": "", "binary": False, "kee
                     **{**PRETRAIN_DEFAULTS, "pretrain_steps": 300}}
 INFERENCE_RULES = ("ncm", "entropy", "prompt")  # "prompt" only with prompts=True
 G_PROMPT_TASKS = ("first", "all")
+SOFT_TF_RULES = {"masked_blocks": POSITIVE_INT, "mask_filter": REGEX, "keep": FRACTION,
+                 "mask_precision": one_of(*soft_mask.PRECISIONS), "label_smoothing": between(0, 1, "[)"),
+                 "task_inference": one_of(*INFERENCE_RULES), "g_prompt_tasks": one_of(*G_PROMPT_TASKS),
+                 "key_loss_weight": NON_NEGATIVE, **PRETRAIN_RULES}
 
 
 def inference_rules(s: dict) -> tuple[str, ...]:
@@ -112,31 +117,25 @@ def block_filter(params, n: int) -> str:
 
 def soft_tf(ctx: Context, **settings) -> Method:
     """Soft-TF with the settings of :data:`SOFT_TF_DEFAULTS` (see the module docstring)."""
-    s = {**SOFT_TF_DEFAULTS, **settings}
-    if s["task_inference"] not in INFERENCE_RULES:
-        raise ValueError(f"soft_tf.task_inference must be one of {', '.join(INFERENCE_RULES)}, "
-                         f"got {s['task_inference']!r}")
+    s = check_settings("soft_tf", SOFT_TF_DEFAULTS, settings, SOFT_TF_RULES)
     check_prompt_settings(s)
-    if s["mask_precision"] not in soft_mask.PRECISIONS:
-        raise ValueError(f"soft_tf.mask_precision must be one of {', '.join(soft_mask.PRECISIONS)}, "
-                         f"got {s['mask_precision']!r}")
-    if not 0.0 <= float(s["label_smoothing"]) < 1.0:
-        raise ValueError(f"soft_tf.label_smoothing must be in [0, 1), got {s['label_smoothing']}")
     binary = bool(s["binary"])
     keep = binary_mask.check_fraction("soft_tf.keep", s["keep"]) if binary else None
     T, C, cil = ctx.num_tasks, ctx.num_outputs, ctx.scenario == "cil"
-    params, stats, pre_report = frozen_backbone(ctx, s, "soft_tf")
-    filt = s["mask_filter"] or block_filter(params, int(s["masked_blocks"]))
-    soft_mask.select(params, filt)  # a filter that matches nothing is refused here, naming it
+    # Settings that depend on the backbone's parameters are checked on their shapes, before any pretraining.
+    shapes = jax.eval_shape(ctx.backbone.init, jax.random.PRNGKey(0))[0]
+    filt = s["mask_filter"] or block_filter(shapes, int(s["masked_blocks"]))
+    soft_mask.select(shapes, filt)  # a filter that matches nothing is refused here, naming it
     use_prompts = bool(s["prompts"])
     g_layers = e_layers = ()
     if use_prompts:
-        depth = vit_depth(params)
+        depth = vit_depth(shapes)
         if depth == 0:
             raise ValueError("soft_tf.prompts needs a ViT backbone (parameters blocks_0, blocks_1, ...)")
         g_layers = prompt.resolve_layers("soft_tf.g_prompt_layers", s["g_prompt_layers"], depth)
         e_layers = prompt.resolve_layers("soft_tf.e_prompt_layers", s["e_prompt_layers"], depth)
         key_w = float(s["key_loss_weight"])
+    params, stats, pre_report = frozen_backbone(ctx, s, "soft_tf")
     out_mask = ctx.output_mask()                                     # [T, C]
     class_task = np.full(C, -1, np.int32)                            # CIL: the task of each class
     if cil:

@@ -33,9 +33,11 @@ import numpy as np
 
 from clax import partition as P
 from clax.methods.base import Context, Method, TaskData
+from clax.settings import FRACTION, REGEX, check_settings, one_of
 from clax.transforms import batchnorm, binary_mask, classifier, consolidation
 
 WSN_DEFAULTS = {"c": 0.5, "layers": r"kernel$", "bn": "refresh"}
+WSN_RULES = {"c": FRACTION, "layers": REGEX, "bn": one_of(*consolidation.BN_MODES)}
 
 
 def _packed_layout(weights):
@@ -61,7 +63,7 @@ def wsn(ctx: Context, **settings) -> Method:
     """WSN with settings ``c`` (kept fraction of each layer's scores, the paper's c, in (0, 1)),
     ``layers`` (regex over backbone parameter paths choosing the masked weights) and ``bn`` (test-time
     BatchNorm statistics: refresh | batch | running)."""
-    s = {**WSN_DEFAULTS, **settings}
+    s = check_settings("wsn", WSN_DEFAULTS, settings, WSN_RULES)
     c = binary_mask.check_fraction("wsn.c", s["c"])
     bn = consolidation.check_bn("wsn.bn", s["bn"])
     T = ctx.num_tasks

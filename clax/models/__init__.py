@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from clax.models.mlp import MLP
 from clax.models.resnet import ResNet18, ResNet32
 from clax.models.vit import ViT
+from clax.settings import POSITIVE, POSITIVE_INT, WIDTHS, check_settings, one_of
 
 PyTree = Any
 
@@ -80,6 +81,35 @@ BACKBONES: dict[str, tuple[Callable[..., nn.Module], dict, str]] = {
 }
 
 
+#: what each backbone setting must be beyond its default's type (see :mod:`clax.settings`)
+BACKBONE_RULES: dict[str, dict] = {
+    "mlp": {"hidden": WIDTHS},
+    "resnet18": {"nf": POSITIVE_INT, "stem": one_of("cifar", "imagenet")},
+    "resnet32": {"nf": POSITIVE_INT},
+    "vit": {"patch": POSITIVE_INT, "dim": POSITIVE_INT, "depth": POSITIVE_INT, "heads": POSITIVE_INT,
+            "mlp_ratio": POSITIVE},
+}
+
+
+def check_backbone_settings(name: str, settings: dict) -> dict:
+    """Backbone ``name``'s settings merged over its defaults, each checked for type and range without
+    building anything.
+
+    Raises:
+      ValueError: an unknown backbone or setting, or a bad value, naming it as ``backbone.key``.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}")
+    defaults = BACKBONES[name][1]
+    unknown = set(settings) - set(defaults)
+    if unknown:
+        raise ValueError(f"backbone {name!r} has no setting {sorted(unknown)[0]!r}; valid: {', '.join(defaults)}")
+    merged = check_settings("backbone", defaults, settings, BACKBONE_RULES.get(name))
+    if name == "vit" and merged["dim"] % merged["heads"]:
+        raise ValueError(f"backbone.dim={merged['dim']} must be divisible by backbone.heads={merged['heads']}")
+    return merged
+
+
 def backbone_view(name: str) -> str:
     """The data view (``"flat"`` or ``"image"``) that backbone ``name`` consumes."""
     if name not in BACKBONES:
@@ -95,13 +125,8 @@ def get_backbone(name: str, input_shape, **settings) -> Backbone:
     here, and the backbone records the path and the SHA-256 of the file (``Backbone.pretrained``,
     ``Backbone.pretrained_sha256``) so that runs can report which weights they used.
     """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; valid: {', '.join(sorted(BACKBONES))}")
-    factory, defaults, view = BACKBONES[name]
-    unknown = set(settings) - set(defaults)
-    if unknown:
-        raise ValueError(f"backbone {name!r} has no setting {sorted(unknown)[0]!r}; valid: {', '.join(defaults)}")
-    merged = {**defaults, **settings}
+    merged = check_backbone_settings(name, settings)
+    factory, _, view = BACKBONES[name]
     pretrained = merged.pop("pretrained", "")
     module = factory(**merged)
     if pretrained:
@@ -120,5 +145,5 @@ def get_backbone(name: str, input_shape, **settings) -> Backbone:
     return bb._replace(init=lambda key: loaded, pretrained=pretrained, pretrained_sha256=digest)
 
 
-__all__ = ["BACKBONES", "Backbone", "MLP", "ResNet18", "ResNet32", "ViT", "backbone_view", "from_module",
+__all__ = ["BACKBONES", "BACKBONE_RULES", "Backbone", "check_backbone_settings", "MLP", "ResNet18", "ResNet32", "ViT", "backbone_view", "from_module",
            "get_backbone"]
