@@ -11,15 +11,15 @@ and, found by the leaf's name so that any method gets them by naming its leaves 
   (:func:`is_task_embedding`: leaf named ``emb``, ``*_emb`` or ``task_emb*``) and every prototype leaf
   (:func:`is_prototypes`: named ``proto*``; PAH's task embedding is the flatten of its prototypes)
   that has a leading task axis, over the tasks done;
-* a PNG grid of every prototype leaf of rank >= 3 (one small image per class, a row per task),
-  written to ``WORKDIR/inspect/`` (or ``--png-dir``).
+* with ``--png-dir DIR``, a PNG grid of every prototype leaf of rank >= 3 (one small image per class,
+  a row per task) written to ``DIR``; without it nothing is drawn.
 
 ``eval`` rebuilds the method from the saved config, restores its state and re-evaluates every finished
 task on the benchmark's test sets, comparing with the saved accuracy matrix; it says which tasks it
 compared (none for a checkpoint inside a task: the matrix holds accuracies after finished tasks only).
 
-Both are read-only: they never train, never pretrain and write nothing outside the workdir (``inspect``
-writes prototype PNGs under ``WORKDIR/inspect/`` unless given ``--png-dir``). The method is rebuilt
+Both are read-only: they never train, never pretrain and write nothing (``inspect`` draws prototype
+PNGs only into a folder the user names with ``--png-dir``). The method is rebuilt
 with :func:`readonly_config`: a frozen-backbone method takes its frozen weights from the checkpoint,
 which holds them, so the saved config's pretraining settings (a cache directory anywhere) are not used.
 """
@@ -88,6 +88,8 @@ def save_image_grid(a: np.ndarray, path: str, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from clax.plot import save_figure
+
     a = np.asarray(a, np.float64)
     img_nd = 3 if a.ndim >= 3 and a.shape[-1] in (1, 3) else 2
     lead = a.shape[: a.ndim - img_nd]
@@ -105,8 +107,7 @@ def save_image_grid(a: np.ndarray, path: str, title: str = "") -> None:
             lo, hi = float(im.min()), float(im.max())
             ax.imshow((im - lo) / (hi - lo) if hi > lo else np.zeros_like(im), cmap="gray" if im.ndim == 2 else None)
     fig.suptitle(title, fontsize=8)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def readonly_config(cfg: dict) -> dict:
@@ -212,12 +213,13 @@ def describe(workdir: str, task: Optional[int] = None, png_dir: Optional[str] = 
                     d["from_task"] = d["distance"][task]
                 out["task_distances"].append(d)
             if is_prototypes(leaf) and a.ndim >= 3:
-                folder = png_dir or os.path.join(workdir, "inspect")
-                os.makedirs(folder, exist_ok=True)
-                png = os.path.join(folder, full.replace("/", "_") + ".png")
-                save_image_grid(a[task] if task is not None and per_task else a, png,
-                                f"{full} {list(a.shape)}")
-                out["prototypes"].append({"path": full, "shape": list(a.shape), "png": os.path.abspath(png)})
+                png = None
+                if png_dir:  # drawn only where the user asks: a read-only command writes nothing by default
+                    os.makedirs(png_dir, exist_ok=True)
+                    png = os.path.abspath(os.path.join(png_dir, full.replace("/", "_") + ".png"))
+                    save_image_grid(a[task] if task is not None and per_task else a, png,
+                                    f"{full} {list(a.shape)}")
+                out["prototypes"].append({"path": full, "shape": list(a.shape), "png": png})
     return out
 
 
@@ -248,7 +250,7 @@ def format_description(d: dict) -> str:
         lines.append(f"task distances ({t['path']}):")
         lines += ["  " + " ".join(f"{v:8.3f}" for v in row) for row in t["distance"]]
     for p in d["prototypes"]:
-        lines.append(f"prototypes {p['path']} {tuple(p['shape'])}: {p['png']}")
+        lines.append(f"prototypes {p['path']} {tuple(p['shape'])}: {p['png'] or '(--png-dir DIR draws them)'}")
     return "\n".join(lines)
 
 
@@ -334,7 +336,7 @@ def add_commands(sub) -> None:
     i.add_argument("--task", type=int, help="read task N's checkpoint (written at the end of task N; the "
                    "newest where there is none) and restrict per-task rows, densities and distances to it")
     i.add_argument("--json", action="store_true", help="print JSON")
-    i.add_argument("--png-dir", help="where prototype PNGs go (default WORKDIR/inspect)")
+    i.add_argument("--png-dir", help="draw prototype PNGs into this folder (default: none drawn; inspect writes nothing)")
     i.set_defaults(func=cmd_inspect)
     e = sub.add_parser("eval", help="re-evaluate a workdir's saved state on its benchmark")
     e.add_argument("workdir")

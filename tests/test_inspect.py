@@ -98,6 +98,8 @@ def test_masks_task_embeddings_and_prototypes_are_found_by_name(tmp_path):
     np.testing.assert_allclose(dist["per_task/emb"], want, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dist["shared/protos"], distance_matrix(protos))
     (png,) = d["prototypes"]
+    assert png["png"] is None and not os.path.exists(tmp_path / "inspect")  # read-only: nothing drawn unasked
+    (png,) = describe(str(tmp_path), png_dir=str(tmp_path / "figs"))["prototypes"]
     with open(png["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     one = describe(str(tmp_path), task=1)

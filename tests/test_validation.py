@@ -64,7 +64,7 @@ BAD = [  # (method, arguments, the key the one-line message names)
     ("clr", ["--set", "backbone.nf=0"], "backbone.nf"),
     ("clr", ["--set", "clr.kernel_size=2"], "clr.kernel_size"),
     ("soft_tf", ["--set", "backbone.dim=30"], "backbone.dim"),
-    ("wsn", ["--set", "wsn.layers=nowhere"], "nowhere"),  # found when the method's state is built (dry)
+    ("wsn", ["--set", "wsn.layers=nowhere"], "wsn.layers='nowhere'"),  # found when the state is built (dry)
 ]
 
 

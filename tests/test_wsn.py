@@ -95,7 +95,7 @@ def test_the_ambiguous_sparsity_setting_is_gone(out):
 
 
 def test_layer_filter_matching_nothing_is_refused_with_its_name(out):
-    with pytest.raises(ValueError, match="no_such_layer"):
+    with pytest.raises(ValueError, match="wsn.layers='no_such_layer' matches no weight"):
         get_method("wsn", out["ctx"], layers="no_such_layer").init(jax.random.PRNGKey(0))
 
 

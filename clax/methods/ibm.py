@@ -63,7 +63,7 @@ def ibm(ctx: Context, **settings) -> Method:
 
     def init(key):
         k_net, k_vb = jax.random.split(key)
-        cl = consolidation.init(k_net, ctx, s["layers"])
+        cl = consolidation.init(k_net, ctx, s["layers"], "ibm.layers")
         w = cl.shared["weights"]
         rows = [fresh(k, w) for k in jax.random.split(k_vb, T)]
         vb = jax.tree.map(lambda *a: jnp.stack(a) / scale, *rows)

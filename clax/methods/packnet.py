@@ -41,7 +41,7 @@ def packnet(ctx: Context, **settings) -> Method:
     refresh = batchnorm.make_refresh(ctx.backbone.apply)
 
     def init(key):
-        cl = consolidation.init(key, ctx, s["layers"])
+        cl = consolidation.init(key, ctx, s["layers"], "packnet.layers")
         owner = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.int32), cl.shared["weights"])
         return cl.replace(extra={**cl.extra, "owner": owner, "pruned": jnp.zeros((T,), bool)})
 

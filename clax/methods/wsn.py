@@ -71,7 +71,7 @@ def wsn(ctx: Context, **settings) -> Method:
 
     def init(key):
         k_net, k_scores = jax.random.split(key)
-        cl = consolidation.init(k_net, ctx, s["layers"])
+        cl = consolidation.init(k_net, ctx, s["layers"], "wsn.layers")
         w = cl.shared["weights"]
         layout = _packed_layout(w)
         return cl.replace(shared={**cl.shared, "scores": init_scores(k_scores, w)},

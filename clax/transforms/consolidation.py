@@ -53,34 +53,35 @@ def check_bn(name: str, mode: str) -> str:
     return mode
 
 
-def split_weights(params: PyTree, layers: str) -> tuple[PyTree, PyTree]:
+def split_weights(params: PyTree, layers: str, setting: str = "layers") -> tuple[PyTree, PyTree]:
     """Splits backbone ``params`` into ``(masked, rest)`` by the regex ``layers`` over ``/``-joined paths;
     only leaves with ``ndim >= 2`` (conv and dense kernels) can be masked.
 
     Raises:
-      ValueError: ``layers`` is not a valid regex or matches no weight (the message names it).
+      ValueError: ``layers`` is not a valid regex or matches no weight (the message names the
+        setting as ``setting``, e.g. ``wsn.layers``).
     """
     try:
         pattern = re.compile(layers)
     except re.error as e:
-        raise ValueError(f"layers={layers!r} is not a valid regular expression: {e}") from None
+        raise ValueError(f"{setting}={layers!r} is not a valid regular expression: {e}") from None
     flat = flatten_dict(params)
     masked, rest = {}, {}
     for k, v in flat.items():
         (masked if pattern.search("/".join(k)) and v.ndim >= 2 else rest)[k] = v
     if not masked:
-        raise ValueError(f"layers={layers!r} matches no weight of the backbone (ndim >= 2); its parameters "
+        raise ValueError(f"{setting}={layers!r} matches no weight of the backbone (ndim >= 2); its parameters "
                          f"are: {', '.join('/'.join(k) for k in flat)}")
     return unflatten_dict(masked), (unflatten_dict(rest) if rest else {})
 
 
-def init(key, ctx: Context, layers: str = DEFAULT_LAYERS) -> CLState:
+def init(key, ctx: Context, layers: str = DEFAULT_LAYERS, setting: str = "layers") -> CLState:
     """A :class:`CLState` in the layout of the module docstring (empty ``extra`` but the union)."""
     if ctx.scenario != "til":
         raise ValueError(f"parameter-isolation methods need the task id: scenario must be 'til', "
                          f"got {ctx.scenario!r}")
     cl = classifier.init(key, ctx)
-    weights, rest = split_weights(cl.shared["backbone"], layers)
+    weights, rest = split_weights(cl.shared["backbone"], layers, setting)
     T = ctx.num_tasks
     return CLState(
         frozen={},
