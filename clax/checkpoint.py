@@ -12,7 +12,8 @@ global train step). Each checkpoint has three items:
   (whether it was written at the end of that task, after ``end_task`` and the evaluation),
   ``tasks_done``, ``task_step`` (steps taken inside task ``tasks_done``; at an epoch's last step the
   checkpoint comes after that epoch's ``end_epoch`` hook and metrics row), timing so far, the current
-  epoch's losses, the metrics rows and a CRC-32 of every array of ``state``, so that a corrupted
+  epoch's metrics so far (``epoch_metrics``: every metric's per-step values, by name), the metrics
+  rows and a CRC-32 of every array of ``state``, so that a corrupted
   checkpoint is recognised even where Orbax reads it.
 
 Every task-end checkpoint is kept (:func:`task_checkpoint` reads task N's); of the checkpoints inside
@@ -180,7 +181,7 @@ def save_progress(mngr: ocp.CheckpointManager, train_state: Any, progress: Any, 
         "train_s": float(progress.train_s),
         "steps": int(progress.steps),
         "compiles_after_task": [int(c) for c in progress.compiles_after_task],
-        "epoch_losses": [float(v) for v in progress.epoch_losses],
+        "epoch_metrics": {k: [float(v) for v in vs] for k, vs in progress.epoch_metrics.items()},
         "rows": [dict(r) for r in (rows or [])],
         "checksum": checksum(item),
     }
@@ -380,7 +381,16 @@ def progress_from(state: dict, meta: dict) -> Any:
         init_accuracy=b if meta.get("has_init_accuracy", True) else None, train_s=float(meta["train_s"]), steps=int(meta["steps"]),
         compiles_after_task=list(meta.get("compiles_after_task", [])),
         task_key=jnp.asarray(state["task_key"]) if int(meta["task_step"]) else None,
-        epoch_losses=[float(v) for v in meta.get("epoch_losses", [])])
+        epoch_metrics=_epoch_metrics(meta))
+
+
+def _epoch_metrics(meta: dict) -> dict:
+    """The current epoch's per-step metrics recorded in ``meta``; an older checkpoint that recorded only
+    the losses (``epoch_losses``) gives ``{"loss": ...}`` (the resumed epoch's other means are left out)."""
+    if "epoch_metrics" in meta:
+        return {k: [float(v) for v in vs] for k, vs in meta["epoch_metrics"].items()}
+    losses = meta.get("epoch_losses", [])
+    return {"loss": [float(v) for v in losses]} if losses else {}
 
 
 def load_resume(workdir: str, config: dict, method, tx,

@@ -1,9 +1,13 @@
 """From a config to a finished run: build the pieces, train, write the workdir.
 
-A workdir receives ``results.json``, ``metrics.csv`` (a row per task and epoch),
-``accuracy_matrix.png`` and ``checkpoints/`` (Orbax, one per finished task); the frozen-backbone
-methods cache their pretraining in ``pretrain/``. Each file is written atomically and the workdir is
-locked while a run uses it (``.clax.lock``, see :mod:`clax.workdir`).
+A workdir receives ``results.json``, ``metrics.csv`` (a row per task and epoch, columns in
+:func:`metrics_columns`'s order: ``task, epoch, loss``, the method's named loss terms in alphabetical
+order (e.g. ``ce, kl`` for ibm, ``ce, reg`` for hnet, ``ce, kd`` for lwf), ``lr`` (the epoch's learning
+rate, :func:`clax.train.lr_at`), ``grad_norm`` (the global norm of the gradient the optimizer receives,
+after the method's update mask) and ``seconds``; each value but ``lr`` and ``seconds`` is the mean over
+the epoch's steps), ``accuracy_matrix.png`` and ``checkpoints/`` (Orbax, one per finished task); the
+frozen-backbone methods cache their pretraining in ``pretrain/``. Each file is written atomically and
+the workdir is locked while a run uses it (``.clax.lock``, see :mod:`clax.workdir`).
 """
 from __future__ import annotations
 
@@ -62,6 +66,19 @@ def _last_good(e: Exception, workdir: str | None, kw: dict) -> str:
     where = f"the last good checkpoint (step {step}) is kept in {ckpt.checkpoint_dir(workdir)}" \
         if step is not None else "no checkpoint had been written"
     return f"{e}; stopped, {where}"
+
+
+FIRST_COLUMNS = ("task", "epoch", "loss")
+LAST_COLUMNS = ("lr", "grad_norm", "seconds")
+
+
+def metrics_columns(rows: list[dict]) -> list[str]:
+    """The columns of ``metrics.csv`` for ``rows``: ``task, epoch, loss``, every other name found in a row
+    (the method's loss terms) in alphabetical order, then ``lr, grad_norm, seconds``. Of the loss terms
+    only those some row has appear (a method's own terms and no other's); a row without a column (e.g.
+    one written by an older clax, restored from a checkpoint) leaves it empty."""
+    mid = sorted({k for r in rows for k in r} - set(FIRST_COLUMNS) - set(LAST_COLUMNS))
+    return [*FIRST_COLUMNS, *mid, *LAST_COLUMNS]
 
 
 def _jsonable(x: Any) -> Any:
@@ -176,7 +193,7 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
         with wd.atomic_open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
         with wd.atomic_open(os.path.join(workdir, "metrics.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["task", "epoch", "loss", "seconds"])
+            w = csv.DictWriter(f, fieldnames=metrics_columns(rows), restval="")
             w.writeheader()
             w.writerows(rows)
         accuracy_heatmap(out["accuracy_matrix"], os.path.join(workdir, "accuracy_matrix.png"),

@@ -44,7 +44,9 @@ class Progress:
       accuracy_matrix: ``[T, T]`` so far (NaN where not evaluated); init_accuracy: ``[T]`` or None.
       train_s, steps: training seconds and global steps so far; compiles_after_task: per finished task.
       task_key: the key of the current task's ``end_epoch``/``end_task`` hooks (mid-task only).
-      epoch_losses: the losses of the current epoch's steps taken so far (mid-task only).
+      epoch_metrics: every metric of the current epoch's steps taken so far, by name (``loss``, the
+        method's named terms, ``grad_norm``; a list of floats per name, one per step; mid-task only),
+        so that a resumed epoch's means equal the uninterrupted run's.
     """
 
     tasks_done: int
@@ -55,7 +57,7 @@ class Progress:
     steps: int = 0
     compiles_after_task: list = dataclasses.field(default_factory=list)
     task_key: Optional[Any] = None
-    epoch_losses: list = dataclasses.field(default_factory=list)
+    epoch_metrics: dict = dataclasses.field(default_factory=dict)
 
 
 @flax.struct.dataclass
@@ -206,8 +208,18 @@ def _where_mask(mask, tree):
     return jax.tree.map(lambda m, x: jnp.where(m, x, jnp.zeros_like(x)), mask, tree)
 
 
+# metrics.csv columns the trainer writes itself: a method's loss term of one of these names is refused
+RESERVED_METRICS = ("task", "epoch", "lr", "grad_norm", "seconds")
+
+
 class Steps:
-    """The jit-compiled train and eval steps of one method, with a count of their compilations."""
+    """The jit-compiled train and eval steps of one method, with a count of their compilations.
+
+    ``train_step(ts, batch, t)`` returns the new state and the step's metrics: ``loss`` (the total), the
+    method's named loss terms, and ``grad_norm``, the global L2 norm (``optax.tree.norm``, which
+    ``optax.global_norm`` now calls) of the gradient the optimizer receives: after the method's
+    ``update_mask`` has zeroed the frozen positions, before any clipping inside the optimizer. A loss
+    term named like a trainer column (:data:`RESERVED_METRICS`) is refused when the step is traced."""
 
     def __init__(self, method: Method, tx: optax.GradientTransformation, scenario: str):
         self.traces = {"train_step": 0, "eval_step": 0}
@@ -221,9 +233,14 @@ class Steps:
                 return method.loss(with_trainable(ts.cl, t, tr), batch, sub, t)
 
             (loss, (state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tr)
+            clash = sorted(set(metrics) & set(RESERVED_METRICS))
+            if clash:
+                raise ValueError(f"method {method.name!r} returns a loss term named {clash[0]!r}; that name is "
+                                 f"a metrics.csv column of the trainer ({', '.join(RESERVED_METRICS)})")
             mask = method.update_mask(ts.cl, t) if method.update_mask else None
             if mask is not None:
                 grads = _where_mask(mask, grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, ts.opt_state, tr)
             if mask is not None:
                 updates = _where_mask(mask, updates)
@@ -231,7 +248,7 @@ class Steps:
             if method.post_update is not None:
                 key, sub2 = jax.random.split(key)
                 cl = method.post_update(cl, batch, sub2, t)
-            return TrainState(cl, opt_state, key, ts.step + 1), {"loss": loss, **metrics}
+            return TrainState(cl, opt_state, key, ts.step + 1), {"loss": loss, **metrics, "grad_norm": grad_norm}
 
         def eval_step(cl: CLState, batch: dict, t):
             self.traces["eval_step"] += 1
@@ -301,6 +318,23 @@ def _check_finite(ts: TrainState, t, losses: list, r: int, epoch: int, per_epoch
                                  f"{epoch * per_epoch + len(losses)} of the task")
 
 
+def _append(acc: dict, m: dict) -> None:
+    """Adds one step's metrics ``m`` (device scalars, no host sync) to the epoch's lists ``acc``."""
+    for k, v in m.items():
+        acc.setdefault(k, []).append(v)
+
+
+def _epoch_means(acc: dict) -> dict:
+    """The epoch's mean of every metric in ``acc`` (name -> per-step values), one transfer to the host.
+
+    A metric with fewer values than ``loss`` (an epoch resumed from a checkpoint that did not record it)
+    has no mean: a mean over part of an epoch is left out rather than written."""
+    n = len(acc["loss"])
+    means = {k: jnp.mean(jnp.stack([jnp.asarray(x, jnp.float32) for x in v])) for k, v in acc.items()
+             if len(v) == n}
+    return {k: float(v) for k, v in jax.device_get(means).items()}
+
+
 def fit(
     method: Method,
     ctx: Context,
@@ -324,7 +358,11 @@ def fit(
       progress: show a progress bar per task.
       on_task_end: called as ``(t, train_state, accuracy_matrix)`` after each task is evaluated
         (checkpointing hooks in here).
-      log: called with a row dict per task and epoch (``task, epoch, loss, seconds``).
+      log: called with a row dict per task and epoch: ``task``, ``epoch``, the epoch's mean ``loss`` and
+        mean of each of the method's named loss terms (e.g. ``ce``, ``kl``), ``lr`` (the learning rate of
+        the epoch, :func:`lr_at`), ``grad_norm`` (the epoch's mean global norm of the gradient the optimizer
+        receives, after the method's update mask, before clipping; see :class:`Steps`) and ``seconds``
+        (since the task's training started).
       resume: ``(train_state, progress)`` of a checkpoint: training continues from there and ends as
         an uninterrupted run would (the data order is a function of seed, task and epoch only).
       checkpoint: called as ``(train_state, progress)`` after each task is evaluated and, when
@@ -336,8 +374,8 @@ def fit(
 
     Returns:
       A dict with ``accuracy_matrix`` (T x T, NaN where not evaluated), ``init_accuracy``, the metrics
-      of :func:`clax.metrics.summarize`, ``params`` and ``timing``; and ``state``, the final
-      :class:`TrainState`.
+      of :func:`clax.metrics.summarize`, ``params`` and ``timing``; ``history``, the rows given to
+      ``log`` (one per epoch trained by this call); and ``state``, the final :class:`TrainState`.
     """
     from tqdm.auto import tqdm
 
@@ -363,8 +401,9 @@ def fit(
     if resume is not None:
         ts, pr = resume
         A, b, start, skip = np.array(pr.accuracy_matrix, np.float64), pr.init_accuracy, pr.tasks_done, pr.task_step
-        train_s, n_steps = pr.train_s, pr.steps - len(pr.epoch_losses)
+        train_s, n_steps = pr.train_s, pr.steps - len(pr.epoch_metrics.get("loss", []))
         compiles_after_task = list(pr.compiles_after_task)
+    history: list[dict] = []
     for r in range(start, T):
         x, y, tid = task_training_data(bench, r, scenario, method.cumulative)
         t = jnp.int32(r)
@@ -391,13 +430,16 @@ def fit(
                 ts = ts.replace(opt_state=set_lr(ts.opt_state, lr_at(cfg, epoch)))
             # The data order depends on (seed, task, epoch) only, so a resumed run sees the same batches.
             rng = np.random.default_rng([cfg.seed, r, epoch])
-            losses = [jnp.float32(v) for v in resume[1].epoch_losses] if done and epoch == done // per_epoch else []
+            acc = ({k: [jnp.float32(v) for v in vs] for k, vs in resume[1].epoch_metrics.items()}
+                   if done and epoch == done // per_epoch else {})  # metric name -> the epoch's step values
+            acc.setdefault("loss", [])
+            losses = acc["loss"]
             for i, batch in enumerate(_stream(train_batches(x, y, cfg.batch_size, rng, tid), x)):
                 s = epoch * per_epoch + i + 1  # steps of the task after this one
                 if s <= done:
                     continue
                 ts, m = steps.train_step(ts, batch, t)
-                losses.append(m["loss"])
+                _append(acc, m)
                 bar.update(1)
                 # A checkpoint on the epoch's last step waits for the epoch's end (below), so that it holds
                 # the epoch's end_epoch hook, mean loss and metrics row, and a resumed run starts the next
@@ -405,8 +447,10 @@ def fit(
                 if due(s) and s % per_epoch:
                     _check_finite(ts, t, losses, r, epoch, per_epoch)
                     checkpoint(ts, Progress(r, s, A.copy(), b, train_s + time.perf_counter() - t0, int(ts.step),
-                                            list(compiles_after_task), k_end, [float(v) for v in losses]))
-            mean_loss = float(jnp.mean(jnp.stack(losses)))
+                                            list(compiles_after_task), k_end,
+                                            {k: [float(v) for v in vs] for k, vs in acc.items()}))
+            means = _epoch_means(acc)
+            mean_loss = means.pop("loss")
             n_steps += len(losses)
             if not np.isfinite(mean_loss):
                 bar.close()
@@ -414,13 +458,18 @@ def fit(
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if method.end_epoch is not None:
                 ts = ts.replace(cl=method.end_epoch(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size), epoch))
+            grad_norm = means.pop("grad_norm", None)
+            row = {"task": r, "epoch": epoch, "loss": mean_loss, **dict(sorted(means.items())),
+                   "lr": lr_at(cfg, epoch),
+                   **({} if grad_norm is None else {"grad_norm": grad_norm}), "seconds": time.perf_counter() - t0}
+            history.append(row)
             if log:
-                log({"task": r, "epoch": epoch, "loss": mean_loss, "seconds": time.perf_counter() - t0})
+                log(dict(row))
             s = (epoch + 1) * per_epoch
             if due(s):  # the epoch's last step, its epoch finished: the next epoch starts from here
                 _check_finite(ts, t, [], r, epoch + 1, per_epoch)
                 checkpoint(ts, Progress(r, s, A.copy(), b, train_s + time.perf_counter() - t0, n_steps,
-                                        list(compiles_after_task), k_end, []))
+                                        list(compiles_after_task), k_end, {}))
         bar.close()
         ts = ts.replace(cl=method.end_task(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size)))
         jax.block_until_ready(ts)
@@ -442,6 +491,7 @@ def fit(
         params=count_params(ts.cl, backbone_count, T, method),
         timing={"train_s": train_s, "steps": n_steps, "compiles": steps.compiles, "traces": dict(steps.traces),
                 "compiles_after_task": compiles_after_task},
+        history=history,
         state=ts,
         report={**(method.report(ts.cl) if method.report else {}),
                 **(method.test_report(ts.cl, bench) if method.test_report else {})},

@@ -20,7 +20,7 @@ def test_run_writes_results_json_metrics_csv_and_heatmap(tmp_path, capsys):
     assert res["accuracy_matrix"][0][3] is None  # not evaluable -> null
     assert {"backbone", "per_task"} <= set(res["params"]) and {"train_s", "steps", "compiles"} <= set(res["timing"])
     rows = (w / "metrics.csv").read_text().strip().splitlines()
-    assert rows[0] == "task,epoch,loss,seconds" and len(rows) == 1 + 5
+    assert rows[0] == "task,epoch,loss,ce,lr,grad_norm,seconds" and len(rows) == 1 + 5
     assert (w / "accuracy_matrix.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "ACC" in out and "after\\on" in out

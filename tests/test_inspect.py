@@ -150,7 +150,7 @@ def test_inspect_and_eval_write_nothing_and_never_pretrain(tmp_path, capsys, mon
     def save(step, done, task_step, A):
         ts = TrainState(cl, tx.init(trainable(cl, 0)), jax.random.PRNGKey(2), jnp.asarray(step, jnp.int32))
         ckpt.save_progress(mngr, ts, Progress(done, task_step, A, None, task_key=jax.random.PRNGKey(3)
-                                              if task_step else None, epoch_losses=[0.5] * task_step), cfg)
+                                              if task_step else None, epoch_metrics={"loss": [0.5] * task_step}), cfg)
         mngr.wait_until_finished()
 
     A = np.full((T, T), np.nan)

@@ -22,7 +22,8 @@ The stopped run is then run again in the same workdir and compared with an unint
   ``timing.train_s`` (wall-clock seconds) and the compile counts ``timing.compiles``, ``timing.traces``
   and ``timing.compiles_after_task`` (a resumed process compiles its steps again; a finished run run
   again compiles nothing). ``timing.steps`` is compared;
-* ``metrics.csv``: every row and column except ``seconds`` (wall-clock).
+* ``metrics.csv``: every row and column except ``seconds`` (wall-clock): the mean loss, each of the
+  method's named loss terms (all have ``ce``), ``lr`` and ``grad_norm``.
 
 To keep it cheap every run of a method shares one method object and one compiled :class:`Steps`
 (``clax.runner.build`` and ``clax.train.Steps`` are replaced by cached ones), so nothing recompiles
@@ -211,6 +212,7 @@ def test_a_run_stopped_at_any_step_and_resumed_ends_as_the_uninterrupted_run(nam
         (w / "metrics.csv").write_text("task,epoch,loss,sec")
     hooks(name, w)
     assert _results(w) == _results(ref)
+    assert {"loss", "ce", "lr", "grad_norm"} <= set(_metrics(ref)[0])  # the comparison covers every term
     assert _metrics(w) == _metrics(ref)
     _assert_same_state(w, ref)
     assert _steps(w) == _steps(ref)
