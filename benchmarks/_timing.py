@@ -22,7 +22,7 @@ def train_step_seconds(method: Method, bench: Benchmark, t: int = 0, iters: int 
     the trainer does), e.g. for methods that build per-task state there.
     """
     cfg = cfg or TrainConfig(batch_size=batch_size, lr=1e-3)
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg, method)
     steps = Steps(method, tx, "til")
     cl = method.init(jax.random.PRNGKey(0))
     task = bench.tasks[t]

@@ -398,14 +398,24 @@ def load_resume(workdir: str, config: dict, method, tx,
     """``(train_state, progress, metrics rows)`` to resume the run of ``config`` in ``workdir``, or None
     when the workdir holds no intact checkpoint.
 
+    A config saved before ``train.lr_scales`` existed (issue 13) reads as ``lr_scales=[]``, except for a
+    method with its own scales (PAH), whose state then stored its backbone divided by its scale.
+
     Raises:
       ValueError: the workdir's checkpoint was written with a different config (the message names the
-        differing keys and how to start fresh) or for a differently shaped state.
+        differing keys and how to start fresh), for a differently shaped state, or before per-partition
+        rates by a method that has them.
     """
     found = latest_intact(workdir, say=say)
     if found is None:
         return None
     step, state, saved, meta = found
+    if isinstance(saved.get("train"), dict) and "lr_scales" not in saved["train"]:
+        if getattr(method, "lr_scales", ()):
+            raise ValueError(f"{os.path.normpath(workdir)} holds a {method.name} run saved before per-partition "
+                             f"learning rates (its backbone stored divided by its rate scale); rerun with --fresh "
+                             f"to move it aside and start over, or use another --workdir")
+        saved = {**saved, "train": {**saved["train"], "lr_scales": []}}
     diff = config_diff(saved, config)
     if diff:
         raise ValueError(f"{os.path.normpath(workdir)} holds a run with a different config ("

@@ -52,6 +52,14 @@ def default_config(method: str = "finetune", benchmark: str = "split-digits") ->
     }
 
 
+def _is_int_text(v: str) -> bool:
+    try:
+        int(v)
+        return True
+    except ValueError:
+        return False
+
+
 def _parse(key: str, raw: str, default: Any) -> Any:
     kind = type(default).__name__
     try:
@@ -65,7 +73,11 @@ def _parse(key: str, raw: str, default: Any) -> Any:
         if isinstance(default, float):
             return float(raw)
         if isinstance(default, (list, tuple)):
-            val = json.loads(raw) if raw.strip().startswith("[") else [int(v) for v in raw.split(",") if v]
+            # JSON, or comma-separated items: integers where every item is one (layer widths), else
+            # strings (e.g. train.lr_scales=shared/backbone=0.1,task/head=2)
+            items = [v for v in raw.split(",") if v]
+            val = json.loads(raw) if raw.strip().startswith("[") else (
+                [int(v) for v in items] if all(_is_int_text(v) for v in items) else items)
             if not isinstance(val, list):
                 raise ValueError
             return val

@@ -276,7 +276,7 @@ def evaluate_workdir(workdir: str) -> dict:
     step, state, cfg, meta = found
     bench, ctx, method = build(readonly_config(cfg))
     tcfg = train_config(cfg)
-    tx = make_optimizer(tcfg)
+    tx = make_optimizer(tcfg, method)
     ts = ckpt.restore_train_state(state["train_state"], method, tx)
     done, T = int(meta["tasks_done"]), bench.num_tasks
     n = min(T, done + (1 if int(meta["task_step"]) else 0))

@@ -3,11 +3,12 @@
 A workdir receives ``results.json``, ``metrics.csv`` (a row per task and epoch, columns in
 :func:`metrics_columns`'s order: ``task, epoch, loss``, the method's named loss terms in alphabetical
 order (e.g. ``ce, kl`` for ibm, ``ce, reg`` for hnet, ``ce, kd`` for lwf), ``lr`` (the epoch's learning
-rate, :func:`clax.train.lr_at`), ``grad_norm`` (the global norm of the gradient the optimizer receives,
-after the method's update mask) and ``seconds``; each value but ``lr`` and ``seconds`` is the mean over
-the epoch's steps), ``accuracy_matrix.png`` and ``checkpoints/`` (Orbax, one per finished task); the
-frozen-backbone methods cache their pretraining in ``pretrain/``. Each file is written atomically and
-the workdir is locked while a run uses it (``.clax.lock``, see :mod:`clax.workdir`).
+rate, :func:`clax.train.lr_at`; per-partition ``train.lr_scales`` multiply it), ``grad_norm`` (the
+global norm of the gradient the optimizer receives, after the method's update mask) and ``seconds``;
+each value but ``lr`` and ``seconds`` is the mean over the epoch's steps), ``accuracy_matrix.png`` and
+``checkpoints/`` (Orbax, one per finished task); the frozen-backbone methods cache their pretraining in
+``pretrain/``. Each file is written atomically and the workdir is locked while a run uses it
+(``.clax.lock``, see :mod:`clax.workdir`).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _checkpointing(cfg: dict, workdir: str, method, tcfg, fresh: bool) -> tuple[
     metrics rows so far."""
     if fresh and (old := wd.move_aside(workdir)):
         ckpt._say(f"moved the previous run to {old}; starting fresh in {workdir}")
-    found = ckpt.load_resume(workdir, cfg, method, make_optimizer(tcfg))
+    found = ckpt.load_resume(workdir, cfg, method, make_optimizer(tcfg, method))
     rows: list[dict] = []
     kw: dict = {}
     if found:
@@ -161,7 +162,7 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
     rows: list[dict] = []
     kw: dict = {}
     if workdir:
-        ckpt.train_state_target(method, make_optimizer(tcfg))  # a dry init: what fails there fails before a move
+        ckpt.train_state_target(method, make_optimizer(tcfg, method))  # a dry init: what fails there fails before a move
         kw, rows = _checkpointing(cfg, workdir, method, tcfg, fresh)
     try:
         out = fit(method, ctx, bench, tcfg, progress=progress, log=rows.append, **kw)

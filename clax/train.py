@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from typing import Any, Callable, Optional
 
@@ -83,6 +84,14 @@ class TrainConfig:
       lr_schedule: how ``lr`` changes over each task's epochs (it restarts with every task):
         ``constant``; ``step:EVERY:GAMMA`` (multiply by ``GAMMA`` every ``EVERY`` epochs, e.g. CLR's
         ``step:20:0.1``); ``cosine`` (from ``lr`` to 0 over the task's epochs, one value per epoch).
+      lr_scales: per-partition learning-rate multipliers, a list of ``"REGEX=SCALE"`` strings over the
+        paths of the trained tree (:func:`trainable`: ``shared/...`` and ``task/...``, e.g.
+        ``shared/backbone`` or ``task/head/kernel``). A pattern selects a leaf when it matches the leaf's
+        whole path or the path of a subtree above it (``shared/backbone`` selects every backbone leaf);
+        that leaf's update is multiplied by ``SCALE`` after the optimizer, i.e. its learning rate is
+        ``SCALE * lr`` (its decoupled weight decay too). A method's own scales (:attr:`Method.lr_scales`,
+        e.g. PAH's backbone) come first, these after; where several patterns select a leaf the last one
+        wins. A pattern that selects nothing is an error. See :func:`lr_scale_transform`.
       seed: seeds parameters, data order and every random draw.
     """
 
@@ -95,6 +104,7 @@ class TrainConfig:
     momentum: float = 0.9
     clip: float = 0.0
     lr_schedule: str = "constant"
+    lr_scales: list = dataclasses.field(default_factory=list)
     seed: int = 0
 
     def __post_init__(self):
@@ -109,9 +119,10 @@ class TrainConfig:
         rules = {"epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "eval_batch_size": POSITIVE_INT,
                  "optimizer": one_of(*OPTIMIZERS), "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
                  "momentum": between(0, 1, "[)"), "clip": NON_NEGATIVE, "lr_schedule": Rule("str"),
-                 "seed": NON_NEGATIVE_INT}
+                 "lr_scales": Rule("any"), "seed": NON_NEGATIVE_INT}
         for f in dataclasses.fields(self):
             check_value("seed" if f.name == "seed" else f"train.{f.name}", getattr(self, f.name), rules[f.name])
+        parse_lr_scales(self.lr_scales)
         lr_at(self, 0)  # a bad schedule is an error here too
         parts = self.lr_schedule.split(":")
         if parts[0] == "step" and not (math.isfinite(float(parts[2])) and float(parts[2]) > 0):
@@ -146,8 +157,13 @@ def set_lr(opt_state, lr: float):
 
     Only a scheduled optimizer (``lr_schedule`` other than ``constant``) carries its rate in the state
     (``optax.inject_hyperparams``); the new rate is an array of the same dtype, so nothing recompiles.
+    A state without a ``learning_rate`` hyperparameter (a constant rate, or an optimizer the user gave
+    :func:`fit`, which controls its own schedule) is returned unchanged.
     """
-    hp = dict(opt_state.hyperparams)
+    hp = getattr(opt_state, "hyperparams", None)
+    if not isinstance(hp, dict) or "learning_rate" not in hp:
+        return opt_state
+    hp = dict(hp)
     hp["learning_rate"] = jnp.asarray(lr, hp["learning_rate"].dtype)
     return opt_state._replace(hyperparams=hp)
 
@@ -155,12 +171,123 @@ def set_lr(opt_state, lr: float):
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """The optax optimizer described by ``cfg``.
+def parse_lr_scales(items, setting: str = "train.lr_scales") -> list[tuple[str, float]]:
+    """``[(regex, scale)]`` of a list of ``"REGEX=SCALE"`` strings (split at the last ``=``).
 
-    With a ``lr_schedule`` other than ``constant`` the learning rate lives in the optimizer state
-    (``optax.inject_hyperparams``) and :func:`fit` sets it at the start of every epoch (:func:`lr_at`).
+    Raises:
+      ValueError: naming ``setting`` and the bad entry: not a list of strings, no ``=``, a regular
+        expression that does not compile, or a scale that is not a finite number ``>= 0``.
     """
+    if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
+        raise ValueError(f"{setting} must be a list of REGEX=SCALE strings (e.g. [\"shared/backbone=0.1\"]), "
+                         f"got {items!r}")
+    out = []
+    for item in items:
+        pattern, eq, raw = item.rpartition("=")
+        if not eq or not pattern:
+            raise ValueError(f"{setting} entry {item!r} must be REGEX=SCALE, e.g. shared/backbone=0.1")
+        try:
+            scale = float(raw)
+        except ValueError:
+            scale = math.nan
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"{setting} entry {item!r}: SCALE must be a finite number >= 0, got {raw!r}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{setting} entry {item!r}: {pattern!r} is not a regular expression ({e})") from None
+        out.append((pattern, scale))
+    return out
+
+
+def tree_paths(tree) -> list[str]:
+    """The ``/``-joined path of every leaf of ``tree`` in leaf order (``shared/backbone/Dense_0/kernel``,
+    ``shared/hnet/mlp/0/kernel``): the names that :attr:`TrainConfig.lr_scales` patterns match."""
+    def name(k):
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    return ["/".join(name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def lr_scale_transform(rules) -> optax.GradientTransformation:
+    """Per-partition learning rates: ``optax.multi_transform`` of one ``optax.scale(SCALE)`` per rule,
+    labelled by the trained tree's paths (:func:`tree_paths`), leaves no rule selects left alone.
+
+    Args:
+      rules: ``[(regex, scale, origin)]``; ``regex`` selects a leaf when it fully matches the leaf's path
+        or the path of a subtree above it; the last rule that selects a leaf gives its scale; ``origin``
+        names where the rule came from (``train.lr_scales``, ``pah``) in errors.
+
+    Chained after an optimizer, it multiplies each selected leaf's update, i.e. its learning rate, by
+    its scale. The labels are computed from the tree at ``init`` (and again, identically, at each
+    ``update``), so a rule that selects no leaf is found wherever the optimizer state is made.
+
+    Raises:
+      ValueError (at ``init``): a rule selects no leaf; the message names its origin and the paths'
+        first two levels.
+    """
+    rules = list(rules)
+    compiled = [re.compile(f"(?:{pattern})(?:/.*)?") for pattern, _, _ in rules]
+
+    def labels(tree):
+        paths = tree_paths(tree)
+        out, used = [], set()
+        for p in paths:
+            label = "unscaled"
+            for i, rx in enumerate(compiled):
+                if rx.fullmatch(p):
+                    label = f"scale_{i}"
+                    used.add(i)
+            out.append(label)
+        for i, (pattern, _, origin) in enumerate(rules):
+            if i not in used:
+                tops = sorted({"/".join(p.split("/")[:2]) for p in paths})
+                raise ValueError(f"{origin}: {pattern!r} selects no trained parameter; the trained tree's paths "
+                                 f"start with {', '.join(tops) or '(none)'}")
+        return jax.tree.unflatten(jax.tree.structure(tree), out)
+
+    transforms = {"unscaled": optax.identity(), **{f"scale_{i}": optax.scale(s) for i, (_, s, _) in enumerate(rules)}}
+    return optax.multi_transform(transforms, labels)
+
+
+def lr_scale_rules(cfg: TrainConfig, method: Optional[Method] = None) -> list[tuple[str, float, str]]:
+    """``[(regex, scale, origin)]``: ``method``'s own scales (:attr:`Method.lr_scales`), then
+    ``cfg.lr_scales`` (later rules win where both select a leaf)."""
+    own = [(p, float(v), f"{method.name}'s lr_scales") for p, v in (method.lr_scales if method else ())]
+    return own + [(p, v, "train.lr_scales") for p, v in parse_lr_scales(cfg.lr_scales)]
+
+
+def make_optimizer(cfg: TrainConfig, method: Optional[Method] = None,
+                   optimizer: Optional[optax.GradientTransformation] = None) -> optax.GradientTransformation:
+    """The optax optimizer of a run: the one described by ``cfg``, or ``optimizer`` where given, with the
+    per-partition rates of ``method`` and ``cfg.lr_scales`` (:func:`lr_scale_transform`) chained after.
+
+    Built from ``cfg`` (``optimizer``, ``lr``, ``weight_decay``, ``momentum``, ``clip``): with a
+    ``lr_schedule`` other than ``constant`` the learning rate lives in the optimizer state
+    (``optax.inject_hyperparams``, the scales inside it) and :func:`fit` sets it at the start of every
+    epoch (:func:`lr_at`). A user's ``optimizer`` is used as it is and those settings do not apply: it
+    controls its own rate and schedule (an optax schedule counts the steps of the current task, since
+    the trainer re-initialises the optimizer state at every task); ``cfg.lr_schedule`` must then be
+    ``constant``. The state's structure is a function of ``cfg``, ``method`` and ``optimizer`` only,
+    which is what a checkpoint is restored against (:func:`clax.checkpoint.train_state_target`).
+
+    Raises:
+      ValueError: an unknown ``cfg.optimizer``; a non-constant ``lr_schedule`` with a user optimizer.
+      TypeError: ``optimizer`` is not an ``optax.GradientTransformation``.
+    """
+    rules = lr_scale_rules(cfg, method)
+    scales = [lr_scale_transform(rules)] if rules else []
+    if optimizer is not None:
+        if not isinstance(optimizer, optax.GradientTransformation):
+            raise TypeError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
+        if cfg.lr_schedule != "constant":
+            raise ValueError(f"train.lr_schedule={cfg.lr_schedule!r} sets the rate of the optimizer clax builds; "
+                             "a user optimizer controls its own (give it an optax schedule) and needs "
+                             "train.lr_schedule=constant")
+        return optax.chain(optimizer, *scales) if scales else optimizer
     if cfg.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
 
@@ -173,7 +300,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         else:  # sgd
             tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
                              optax.sgd(learning_rate, cfg.momentum or None))
-        return optax.chain(optax.clip_by_global_norm(cfg.clip), tx) if cfg.clip else tx
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip), tx) if cfg.clip else tx
+        return optax.chain(tx, *scales) if scales else tx
 
     if cfg.lr_schedule == "constant":  # (TrainConfig has validated the schedule)
         return build(cfg.lr)
@@ -347,6 +475,7 @@ def fit(
     resume: Optional[tuple[TrainState, Progress]] = None,
     checkpoint: Optional[Callable[[TrainState, Progress], None]] = None,
     checkpoint_every: int = 0,
+    optimizer: Optional[optax.GradientTransformation] = None,
 ) -> dict:
     """Trains ``method`` through every task of ``bench`` and evaluates after each.
 
@@ -360,9 +489,10 @@ def fit(
         (checkpointing hooks in here).
       log: called with a row dict per task and epoch: ``task``, ``epoch``, the epoch's mean ``loss`` and
         mean of each of the method's named loss terms (e.g. ``ce``, ``kl``), ``lr`` (the learning rate of
-        the epoch, :func:`lr_at`), ``grad_norm`` (the epoch's mean global norm of the gradient the optimizer
-        receives, after the method's update mask, before clipping; see :class:`Steps`) and ``seconds``
-        (since the task's training started).
+        the epoch, :func:`lr_at`; the base rate, which ``lr_scales`` multiply per partition; absent with a
+        user's ``optimizer``, which schedules its own), ``grad_norm`` (the epoch's mean global norm of the
+        gradient the optimizer receives, after the method's update mask, before clipping; see
+        :class:`Steps`) and ``seconds`` (since the task's training started).
       resume: ``(train_state, progress)`` of a checkpoint: training continues from there and ends as
         an uninterrupted run would (the data order is a function of seed, task and epoch only).
       checkpoint: called as ``(train_state, progress)`` after each task is evaluated and, when
@@ -371,6 +501,12 @@ def fit(
         epoch); a non-finite loss or parameter raises :class:`NonFiniteLossError` before a bad state
         reaches it. Resuming from any of these ends exactly as the uninterrupted run (state, accuracies,
         losses and ``log`` rows; only wall-clock seconds and compile counts differ).
+      optimizer: an optax ``GradientTransformation`` that replaces the one ``cfg`` describes (``cfg``'s
+        ``optimizer``, ``lr``, ``weight_decay``, ``momentum`` and ``clip`` then do not apply, and
+        ``lr_schedule`` must be ``constant``: the optimizer controls its own rate and schedule). Its state
+        is re-initialised at every task like the built one's; the per-partition rates
+        (:attr:`TrainConfig.lr_scales` and the method's own) are chained after it
+        (:func:`make_optimizer`). To resume, restore the checkpoint against the same optimizer.
 
     Returns:
       A dict with ``accuracy_matrix`` (T x T, NaN where not evaluated), ``init_accuracy``, the metrics
@@ -380,7 +516,7 @@ def fit(
     from tqdm.auto import tqdm
 
     scenario, T = ctx.scenario, bench.num_tasks
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(cfg, method, optimizer)
     steps = Steps(method, tx, scenario)
     key = jax.random.PRNGKey(cfg.seed)
     key, k_init = jax.random.split(key)
@@ -460,7 +596,7 @@ def fit(
                 ts = ts.replace(cl=method.end_epoch(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size), epoch))
             grad_norm = means.pop("grad_norm", None)
             row = {"task": r, "epoch": epoch, "loss": mean_loss, **dict(sorted(means.items())),
-                   "lr": lr_at(cfg, epoch),
+                   **({"lr": lr_at(cfg, epoch)} if optimizer is None else {}),  # a user's: its own schedule
                    **({} if grad_norm is None else {"grad_norm": grad_norm}), "seconds": time.perf_counter() - t0}
             history.append(row)
             if log:

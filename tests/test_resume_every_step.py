@@ -87,7 +87,7 @@ def _built(name: str):
         bench = _bench()
         ctx = make_context(get_backbone("mlp", bench.input_shape, hidden=[32, 32]), bench, cfg["scenario"])
         method = get_method(name, ctx, **cfg[name])
-        steps = Steps(method, make_optimizer(train_config(cfg)), ctx.scenario)
+        steps = Steps(method, make_optimizer(train_config(cfg), method), ctx.scenario)
         plan = {"after_step": None, "after_checkpoint": None, "taken": 0}
         jitted = steps.train_step
 

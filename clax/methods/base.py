@@ -98,6 +98,9 @@ class Method(NamedTuple):
       train_filter: optional host-side ``TaskData -> int indices`` of the task's training samples to
         train on, applied after ``begin_task`` (PAH drops the images its prototypes were initialised
         from); it must depend on the data only, so that a resumed run drops the same samples.
+      lr_scales: ``((regex, scale), ...)``: the method's own per-partition learning-rate multipliers over
+        the trained tree's paths (e.g. PAH's ``(("shared/backbone", 0.1),)``), applied before the
+        config's ``train.lr_scales`` (see :func:`clax.train.lr_scale_transform`).
     """
 
     name: str
@@ -115,3 +118,4 @@ class Method(NamedTuple):
     report: Optional[Callable[[CLState], dict]] = None
     test_report: Optional[Callable[[CLState, Any], dict]] = None
     train_filter: Optional[Callable[[TaskData], np.ndarray]] = None
+    lr_scales: tuple = ()

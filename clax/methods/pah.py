@@ -49,18 +49,21 @@ AdamW optimisers keep their state across tasks; clax's trainer re-initialises th
 state at each task (the prototype step's state carries over). Their AdamW groups pass
 ``"weight_decay "`` (with a trailing space, ignored), so every group decays at PyTorch's default
 0.01: clax's ``train.weight_decay=0.01`` (registry) and ``proto_weight_decay=0.01`` match that,
-except for the backbone: AdamW decays its stored, scaled weights (``backbone_lr_scale``) by
-``lr * 0.01`` a step, ten times the authors' ``1e-4 * 0.01``.
+the backbone's group included (its decay, like its rate, is ``backbone_lr_scale`` times the others':
+``1e-4 * 0.01`` a step, as the authors' group with ``lr=1e-4``).
 
 Prototype initialisation: ``semantic`` (the paper) takes one training image per class (the first of
 that class in the task's training data: the stratified split is already seeded), channel-mean,
 centre-cropped (or resized where the image is smaller) to the prototype size, and ``train_filter``
 removes those images from the training set; ``random`` draws N(0.5, 0.1) (the ablation).
 
-The backbone's learning rate is ``backbone_lr_scale`` times the trainer's (paper: 1e-4 vs 1e-3):
-the backbone is stored divided by that factor and multiplied back in the forward pass, which under
-Adam(W) (invariant to gradient scale) moves the real weights by exactly that fraction. The
-checkpoint therefore holds ``shared/backbone`` divided by ``backbone_lr_scale``.
+The backbone's learning rate is ``backbone_lr_scale`` times the trainer's (paper: 1e-4 vs 1e-3): a
+per-partition rate, the method's ``lr_scales`` ``(("shared/backbone", backbone_lr_scale),)``, which the
+trainer chains after its optimizer (:func:`clax.train.lr_scale_transform`; ``train.lr_scales`` can
+override it). The state and the checkpoint hold the backbone's real weights. (Before issue 13 the
+backbone was stored divided by the scale and multiplied back in the forward pass; under Adam that
+gives nearly the same steps, but AdamW then decayed the real weights by ``lr * wd``, ten times the
+authors', and Adam's ``eps`` acted ten times larger on the backbone.)
 
 Old prototypes and the KD run over the whole preallocated table with a mask ``j < t``, so shapes are
 fixed and a new task adds no compilation; the step time grows with ``t`` only through the work (the
@@ -184,7 +187,7 @@ def pah(ctx: Context, **settings) -> Method:
     if s["proto_channels"] not in (1, geom[2]):
         raise ValueError(f"pah.proto_channels must be 1 or the input's {geom[2]} channels, got {s['proto_channels']}")
     T, C, D = ctx.num_tasks, ctx.task_classes.shape[1], ctx.backbone.feature_dim
-    size, pch, k = s["proto_size"], s["proto_channels"], float(s["backbone_lr_scale"])
+    size, pch = s["proto_size"], s["proto_channels"]
     proto_shape = (C, size, size, pch)
     native = s["proto_input"] == "native"
     if native:
@@ -227,7 +230,7 @@ def pah(ctx: Context, **settings) -> Method:
         return hd["bias"][None] if "bias" in hd else 0.0
 
     def feats(model, stats, x, train):
-        return ctx.backbone.apply(jax.tree.map(lambda u: k * u, model["backbone"]), stats, x, train)
+        return ctx.backbone.apply(model["backbone"], stats, x, train)
 
     def feats_eval(model, stats, x):
         """Features outside the training batch's own pass: running statistics (``bn="running"``) or
@@ -238,7 +241,7 @@ def pah(ctx: Context, **settings) -> Method:
         kb, kh, kp = jax.random.split(key, 3)
         params, stats = ctx.backbone.init(kb)
         protos = 0.5 + 0.1 * jax.random.normal(kp, (T,) + proto_shape)
-        shared = {"backbone": jax.tree.map(lambda p: p / k, params), "hnet": hnet_init(kh), "protos": protos}
+        shared = {"backbone": params, "hnet": hnet_init(kh), "protos": protos}
         return CLState(frozen={}, shared=shared, per_task={}, state={"backbone": stats},
                        extra={"teacher": {**shared, "stats": stats}, "proto_opt": ptx.init(protos)})
 
@@ -323,4 +326,5 @@ def pah(ctx: Context, **settings) -> Method:
         return int(np.prod(proto_shape)) * 4  # the task's prototypes (its head is generated)
 
     return Method("pah", init, loss, predict, begin_task=begin_task, post_update=post_update,
-                  task_bytes=task_bytes, train_filter=train_filter if s["init"] == "semantic" else None)
+                  task_bytes=task_bytes, train_filter=train_filter if s["init"] == "semantic" else None,
+                  lr_scales=(("shared/backbone", float(s["backbone_lr_scale"])),))
