@@ -209,3 +209,9 @@ def test_a_loss_term_named_like_a_trainer_column_is_refused():
                                          "metrics.csv column of the trainer"):
         Steps(method._replace(loss=loss), tx, ctx.scenario).train_step(ts, batch, jnp.int32(0))
 
+
+def test_a_user_optimizer_gets_no_lr_column_of_the_config():
+    cfg, (bench, ctx, method), _, _ = _built("finetune")
+    tcfg = train_config({**cfg, "train": {**cfg["train"], "lr_schedule": "constant"}})
+    out = train_mod.fit(method, ctx, bench, tcfg, progress=False, optimizer=optax.sgd(0.05))
+    assert [list(r) for r in out["history"]] == [["task", "epoch", "loss", "ce", "grad_norm", "seconds"]] * 4
