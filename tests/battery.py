@@ -6,11 +6,15 @@ assert zero forgetting bit-for-bit, learning, checkpoint round-trips and compile
 """
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clax.config import apply_overrides, default_config, train_config
+from clax.data import Benchmark, split_digits
+from clax.data.stream import Task
 from clax.runner import build
 from clax.train import fit
 
@@ -65,3 +69,25 @@ def assert_no_recompile_after_first_task(out: dict) -> None:
     """Tasks after the first add no compilation of the train or eval step."""
     counts = out["timing"]["compiles_after_task"]
     assert all(c == counts[0] for c in counts), counts
+
+
+def tiny_digits(num_tasks: int = 2, n_train: int = 48, n_test: int = 40) -> Benchmark:
+    """split-digits cut to its first ``num_tasks`` tasks of ``n_train`` / ``n_test`` samples (seed 0)."""
+    full = split_digits(seed=0)
+    tasks = tuple(Task(t.task_id, t.classes, t.x_train[:n_train], t.y_train[:n_train], t.x_test[:n_test],
+                       t.y_test[:n_test]) for t in full.tasks[:num_tasks])
+    return Benchmark(full.name, tasks, full.num_classes, full.input_shape, full.class_names)
+
+
+def snapshot(root) -> dict:
+    """Every path under ``root`` with, for files, its bytes and modification time (to assert that a
+    command wrote nothing)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs:
+            out[os.path.relpath(os.path.join(d, n), root)] = "dir"
+        for n in files:
+            p = os.path.join(d, n)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = (f.read(), os.stat(p).st_mtime_ns)
+    return out

@@ -112,7 +112,7 @@ def test_packnet_and_wsn_store_the_statistics_of_their_final_network(stream):
     bench, ctx = stream
     for method, settings in (("packnet", {"prune_after": 5}), ("wsn", {})):  # packnet: pruned after training
         out = _run(stream, method, **settings)
-        cl, meth = out["state"].cl, out["method"]
+        cl = out["state"].cl
         np.testing.assert_array_equal(out["logits"][0], out["logits"][1])
         t = 1
         if method == "packnet":

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from battery import snapshot
 from clax import checkpoint as ckpt
 from clax.cli import main
 from clax.inspect import describe, distance_matrix
@@ -108,19 +109,6 @@ def test_masks_task_embeddings_and_prototypes_are_found_by_name(tmp_path):
     np.testing.assert_allclose(by_path["per_task/emb"]["from_task"], want[1], rtol=1e-12, atol=1e-12)
 
 
-def _snapshot(root) -> dict:
-    """Every path under ``root`` with, for files, its bytes and modification time."""
-    out = {}
-    for d, dirs, files in os.walk(root):
-        for n in dirs:
-            out[os.path.relpath(os.path.join(d, n), root)] = "dir"
-        for n in files:
-            p = os.path.join(d, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = (f.read(), os.stat(p).st_mtime_ns)
-    return out
-
-
 def test_inspect_and_eval_write_nothing_and_never_pretrain(tmp_path, capsys, monkeypatch):
     """A CLR checkpoint whose config was tampered with to pretrain on glyphs into a folder outside the
     workdir: inspect and eval read the frozen backbone from the checkpoint, pretrain nothing and write
@@ -157,7 +145,7 @@ def test_inspect_and_eval_write_nothing_and_never_pretrain(tmp_path, capsys, mon
     A[:2, :2] = 0.25  # not what eval will find: it must say it differs
     save(10, 2, 0, A)  # after task 1 of 5
     capsys.readouterr()
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     assert main(["inspect", str(w), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["bytes_per_task_from"] == "per-task row + method.task_bytes"  # the method was rebuilt
@@ -166,15 +154,15 @@ def test_inspect_and_eval_write_nothing_and_never_pretrain(tmp_path, capsys, mon
     assert "2 of 5 tasks done" in out
     assert "compared tasks 0, 1 with the saved accuracy matrix (its row after task 1, of 5: the run is " \
            "unfinished): DIFFER" in out
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
     save(13, 2, 3, A)  # inside task 2
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     assert main(["eval", str(w), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["compared"] == [] and r["task_step"] == 3 and len(r["accuracy"]) == 3
     assert main(["eval", str(w)]) == 0
     assert "compared nothing: the checkpoint is inside task 2" in capsys.readouterr().out
-    assert _snapshot(tmp_path) == before and not elsewhere.exists() and calls == []
+    assert snapshot(tmp_path) == before and not elsewhere.exists() and calls == []
 
 
 def test_resume_inspect_and_eval_print_no_orbax_read_only_warnings(finished, caplog, capsys):

@@ -20,10 +20,10 @@ import optax
 import pytest
 
 import clax.train as train_mod
+from battery import tiny_digits
 from clax import runner
 from clax.config import default_config, train_config
-from clax.data import Benchmark, split_digits, train_batches
-from clax.data.stream import Task
+from clax.data import train_batches
 from clax.methods import get_method
 from clax.models import get_backbone
 from clax.train import Steps, lr_at, make_context, make_optimizer, trainable, with_trainable
@@ -34,13 +34,6 @@ LR = 0.01
 
 class Stop(Exception):
     """Raised by the recording step to stop a run after a given step."""
-
-
-def _bench() -> Benchmark:
-    full = split_digits(seed=0)
-    tasks = tuple(Task(t.task_id, t.classes, t.x_train[:48], t.y_train[:48], t.x_test[:40], t.y_test[:40])
-                  for t in full.tasks[:TASKS])
-    return Benchmark(full.name, tasks, full.num_classes, full.input_shape, full.class_names)
 
 
 _BUILT: dict = {}
@@ -54,7 +47,7 @@ def _built(name: str):
                             lr_schedule="step:1:0.5")
         cfg["backbone"]["hidden"] = [16]
         cfg["checkpoint"] = {"every_steps": 2, "keep": 1}  # inside epochs: task steps 2 and 4
-        bench = _bench()
+        bench = tiny_digits(TASKS)
         ctx = make_context(get_backbone("mlp", bench.input_shape, hidden=[16]), bench, cfg["scenario"])
         method = get_method(name, ctx, **cfg[name])
         steps = Steps(method, make_optimizer(train_config(cfg)), ctx.scenario)

@@ -11,7 +11,7 @@ from flax.traverse_util import flatten_dict
 from battery import assert_no_recompile_after_first_task, quick_config, quick_run
 from clax.checkpoint import restore_raw
 from clax.methods.base import TaskData
-from clax.methods.pah import PAH_DEFAULTS, pah, semantic_prototype
+from clax.methods.pah import pah, semantic_prototype
 from clax.runner import build, run
 from clax.transforms.distill import kd_loss
 

@@ -35,15 +35,13 @@ import json
 import os
 
 import jax
-import numpy as np
 import pytest
 
 import clax.train as train_mod
 from clax import checkpoint as ckpt
+from battery import tiny_digits
 from clax import runner
 from clax.config import default_config, train_config
-from clax.data import Benchmark, split_digits
-from clax.data.stream import Task
 from clax.methods import get_method
 from clax.models import get_backbone
 from clax.train import Steps, make_context, make_optimizer
@@ -66,13 +64,6 @@ class Stop(Exception):
     """Raised by the test's hooks to stop a run at a kill point."""
 
 
-def _bench() -> Benchmark:
-    full = split_digits(seed=0)
-    tasks = tuple(Task(t.task_id, t.classes, t.x_train[:48], t.y_train[:48], t.x_test[:40], t.y_test[:40])
-                  for t in full.tasks[:TASKS])
-    return Benchmark(full.name, tasks, full.num_classes, full.input_shape, full.class_names)
-
-
 _BUILT: dict = {}
 
 
@@ -84,7 +75,7 @@ def _built(name: str):
         cfg["backbone"]["hidden"] = [32, 32]
         cfg[name].update(SETTINGS.get(name, {}))
         cfg["checkpoint"] = {"every_steps": PER_EPOCH, "keep": 1}
-        bench = _bench()
+        bench = tiny_digits(TASKS)
         ctx = make_context(get_backbone("mlp", bench.input_shape, hidden=[32, 32]), bench, cfg["scenario"])
         method = get_method(name, ctx, **cfg[name])
         steps = Steps(method, make_optimizer(train_config(cfg), method), ctx.scenario)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from battery import snapshot
 from clax.cli import main
 from clax.config import ConfigError, default_config, apply_overrides, validate
 from clax.data import Benchmark
@@ -20,19 +21,6 @@ from clax.models import get_backbone
 from clax.train import TrainConfig, make_context
 
 RUN = ["run", "--epochs", "1", "--quiet"]
-
-
-def snapshot(root) -> dict:
-    """Every path under ``root`` with, for files, its bytes and modification time."""
-    out = {}
-    for d, dirs, files in os.walk(root):
-        for n in dirs:
-            out[os.path.relpath(os.path.join(d, n), root)] = "dir"
-        for n in files:
-            p = os.path.join(d, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = (f.read(), os.stat(p).st_mtime_ns)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clax import partition as P
 from clax.methods.base import Context, Method, TaskData
 from clax.settings import FRACTION, REGEX, check_settings, one_of
 from clax.transforms import batchnorm, binary_mask, classifier, consolidation
