@@ -72,7 +72,7 @@ def _run_one(args, method: str, scenario: str | None, workdir: str | None):
 
 
 def cmd_run(args) -> int:
-    from clax.config import check_name
+    from clax.config import check_method_name, check_name
     from clax.data import BENCHMARKS, SCENARIOS
     from clax.methods import METHODS
 
@@ -80,7 +80,7 @@ def cmd_run(args) -> int:
     if args.scenario:
         check_name("scenario", args.scenario, SCENARIOS)
     if args.method:
-        check_name("method", args.method, METHODS)
+        check_method_name(args.method)
         workdir = args.workdir or os.path.join(
             "runs", f"{args.method}-{args.benchmark}-{args.scenario or 'default'}-s{args.seed}")
         res = _run_one(args, args.method, args.scenario, workdir)

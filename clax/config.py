@@ -16,7 +16,7 @@ import os
 from typing import Any, Iterable
 
 from clax.data import BENCHMARKS, SCENARIOS
-from clax.methods import METHODS, check_method_settings
+from clax.methods import METHODS, check_method_settings, check_scenario_of, method_settings, parts, spec_of
 from clax.models import BACKBONES, check_backbone_settings
 from clax.settings import NON_NEGATIVE_INT, POSITIVE_INT, check_value
 from clax.train import TrainConfig
@@ -33,11 +33,23 @@ def check_name(kind: str, name: str, valid: Iterable[str]) -> None:
         raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(valid)}")
 
 
+def check_method_name(name: str):
+    """The :class:`~clax.methods.MethodSpec` of ``name``: a registered method or several joined with
+    ``+`` (``replay+lwf``).
+
+    Raises:
+      ConfigError: an unknown part (listing the valid names) or an impossible combination.
+    """
+    try:
+        return spec_of(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def default_config(method: str = "finetune", benchmark: str = "split-digits") -> dict:
     """The default configuration for ``method`` on ``benchmark``."""
-    check_name("method", method, METHODS)
+    spec = check_method_name(method)
     check_name("benchmark", benchmark, BENCHMARKS)
-    spec = METHODS[method]
     bb = spec.backbone
     return {
         "method": method,
@@ -47,7 +59,7 @@ def default_config(method: str = "finetune", benchmark: str = "split-digits") ->
         "data_dir": "",  # where real data sets live (image folders, TFDS data dir); see clax.data
         "train": {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k != "seed"} | spec.train,
         "backbone": {"name": bb, **copy.deepcopy(BACKBONES[bb][1]), **copy.deepcopy(spec.backbone_settings)},
-        method: copy.deepcopy(spec.defaults),
+        **({method: copy.deepcopy(spec.defaults)} if "+" not in method else copy.deepcopy(spec.defaults)),
         "checkpoint": {"every_steps": 0, "keep": 2},
     }
 
@@ -150,9 +162,10 @@ def validate(cfg: dict) -> None:
         for key in ("method", "benchmark", "scenario", "seed", "train", "backbone"):
             if key not in cfg:
                 raise ConfigError(f"the config has no {key!r}")
-        check_name("method", cfg["method"], METHODS)
+        check_method_name(cfg["method"])
         check_name("benchmark", cfg["benchmark"], BENCHMARKS)
         check_name("scenario", cfg["scenario"], SCENARIOS)
+        check_scenario_of(cfg["method"], cfg["scenario"])
         if not isinstance(cfg.get("data_dir", ""), str):
             raise ConfigError(f"data_dir must be a string, got {cfg['data_dir']!r}")
         train_config(cfg)
@@ -162,7 +175,7 @@ def validate(cfg: dict) -> None:
                 check_value(f"checkpoint.{k}", sec[k], rule)
         bb = dict(cfg["backbone"])
         check_backbone_settings(bb.pop("name", None), bb)
-        check_method_settings(cfg["method"], cfg.get(cfg["method"], {}))
+        check_method_settings(cfg["method"], method_settings(cfg))
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:

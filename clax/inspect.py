@@ -121,12 +121,14 @@ def readonly_config(cfg: dict) -> dict:
     from clax.methods.frozen import PRETRAIN_DEFAULTS
 
     name = cfg.get("method")
-    spec = METHODS.get(name)
-    if spec is None or not set(PRETRAIN_DEFAULTS) <= set(spec.defaults):
-        return cfg
-    sec = dict(cfg.get(name) or {})
-    sec.update(pretrained="none", pretrain_dir="")
-    return {**cfg, name: sec}
+    for part in (name.split("+") if isinstance(name, str) else []):
+        spec = METHODS.get(part)
+        if spec is None or not set(PRETRAIN_DEFAULTS) <= set(spec.defaults):
+            continue
+        sec = dict(cfg.get(part) or {})
+        sec.update(pretrained="none", pretrain_dir="")
+        cfg = {**cfg, part: sec}
+    return cfg
 
 
 def _task_bytes(cfg: dict, cl: dict, T: int, row_bytes: int) -> tuple[list[int], str]:

@@ -24,7 +24,7 @@ from clax import checkpoint as ckpt
 from clax import workdir as wd
 from clax.config import check_workdir, train_config, validate
 from clax.data import BENCHMARKS, get_benchmark
-from clax.methods import get_method
+from clax.methods import get_method, method_settings, parts
 from clax.models import backbone_view, get_backbone
 from clax.plot import accuracy_heatmap
 from clax.train import NonFiniteLossError, fit, make_context, make_optimizer
@@ -108,7 +108,7 @@ def build(cfg: dict):
                           **benchmark_kwargs(BENCHMARKS[cfg["benchmark"]], cfg))
     backbone = get_backbone(name, bench.input_shape, **bb)
     ctx = make_context(backbone, bench, cfg["scenario"])
-    method = get_method(cfg["method"], ctx, **cfg.get(cfg["method"], {}))
+    method = get_method(cfg["method"], ctx, **method_settings(cfg))
     return bench, ctx, method
 
 
@@ -139,19 +139,21 @@ def workdir_config(cfg: dict, workdir: str) -> dict:
     """``cfg`` as a workdir stores it: paths inside the workdir relative to it, so that a moved, copied
     or differently spelled workdir holds the same config. The frozen-backbone methods' pretraining
     cache, ``<workdir>/pretrain``, is stored as ``pretrain_dir=""`` (see :func:`resolve_paths`)."""
-    sec = cfg.get(cfg["method"], {})
-    pre = sec.get("pretrain_dir") if isinstance(sec, dict) else None
-    if pre and os.path.abspath(pre) == os.path.abspath(os.path.join(workdir, "pretrain")):
-        cfg = {**cfg, cfg["method"]: {**sec, "pretrain_dir": ""}}
+    for part in parts(cfg["method"]):
+        sec = cfg.get(part, {})
+        pre = sec.get("pretrain_dir") if isinstance(sec, dict) else None
+        if pre and os.path.abspath(pre) == os.path.abspath(os.path.join(workdir, "pretrain")):
+            cfg = {**cfg, part: {**sec, "pretrain_dir": ""}}
     return cfg
 
 
 def resolve_paths(cfg: dict, workdir: str | None) -> dict:
     """``cfg`` with the paths a workdir stores relative to it made absolute: a frozen-backbone method's
     ``pretrain_dir=""`` is ``<workdir>/pretrain`` (without a workdir it stays ``""``: in memory only)."""
-    sec = cfg.get(cfg["method"], {})
-    if workdir and isinstance(sec, dict) and sec.get("pretrain_dir") == "":
-        cfg = {**cfg, cfg["method"]: {**sec, "pretrain_dir": os.path.abspath(os.path.join(workdir, "pretrain"))}}
+    for part in parts(cfg["method"]):
+        sec = cfg.get(part, {})
+        if workdir and isinstance(sec, dict) and sec.get("pretrain_dir") == "":
+            cfg = {**cfg, part: {**sec, "pretrain_dir": os.path.abspath(os.path.join(workdir, "pretrain"))}}
     return cfg
 
 

@@ -373,6 +373,8 @@ class Steps:
             if mask is not None:
                 updates = _where_mask(mask, updates)
             cl = with_trainable(ts.cl, t, optax.apply_updates(tr, updates)).replace(state=state)
+            if method.on_update is not None:
+                cl = method.on_update(cl, grads, updates, t)
             if method.post_update is not None:
                 key, sub2 = jax.random.split(key)
                 cl = method.post_update(cl, batch, sub2, t)

@@ -29,7 +29,7 @@ def test_every_task_end_checkpoint_is_kept_with_its_task_and_inspect_task_reads_
     cl = state["train_state"]["cl"]
     assert set(cl) == {"frozen", "shared", "per_task", "state", "extra"}
     assert cl["per_task"]["head"]["kernel"].shape == (5, 256, 2)
-    assert int(cl["extra"]["buffer"]["seen"]) > 1000
+    assert int(cl["extra"]["replay"]["seen"]) > 1000
     A = state["accuracy_matrix"]
     assert A.shape == (5, 5) and np.isfinite(A[4]).all()
     # task 1's own checkpoint: the state after task 1, as the run saw it then

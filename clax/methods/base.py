@@ -64,6 +64,7 @@ class TaskData(NamedTuple):
     y: np.ndarray
     key: jax.Array
     batch_size: int
+    model: Any = None  # the method's clax.compose.Model, given by clax.compose.chain to its transforms
 
 
 def _identity_hook(cl: CLState, data: TaskData) -> CLState:
@@ -82,8 +83,11 @@ class Method(NamedTuple):
       begin_task, end_task: host-side hooks ``(cl, TaskData) -> cl``.
       update_mask: optional ``(cl, t) -> bool tree`` over ``{"shared", "task"}``; where False, the
         gradient and the optimizer's update are zeroed (consolidated weights of WSN, IBM, PackNet).
+      on_update: optional ``(cl, grads, updates, t) -> cl`` run inside the compiled step right after the
+        optimizer's update: ``grads`` and ``updates`` are trees over the trained tree (``{"shared",
+        "task"}``), after the update mask (e.g. SI's path integral ``-g * delta``, no second backward).
       post_update: optional ``(cl, batch, key, t) -> cl`` run inside the compiled step after the
-        optimizer's update (a second optimiser over part of the state, e.g. PAH's prototype step;
+        optimizer's update (and ``on_update``) (a second optimiser over part of the state, e.g. PAH's prototype step;
         its optimizer state lives in ``cl.extra``).
       end_epoch: optional host-side hook ``(cl, TaskData, epoch) -> cl`` (e.g. IBM's periodic SVD).
       cumulative: train task ``r`` on the union of tasks ``0..r`` (joint training).
@@ -101,6 +105,8 @@ class Method(NamedTuple):
       lr_scales: ``((regex, scale), ...)``: the method's own per-partition learning-rate multipliers over
         the trained tree's paths (e.g. PAH's ``(("shared/backbone", 0.1),)``), applied before the
         config's ``train.lr_scales`` (see :func:`clax.train.lr_scale_transform`).
+      model, transforms: the :class:`clax.compose.Model` and :class:`clax.compose.Transform` s of a method
+        built by :func:`clax.compose.chain` (None and ``()`` otherwise); what ``+`` joins.
     """
 
     name: str
@@ -119,3 +125,6 @@ class Method(NamedTuple):
     test_report: Optional[Callable[[CLState, Any], dict]] = None
     train_filter: Optional[Callable[[TaskData], np.ndarray]] = None
     lr_scales: tuple = ()
+    on_update: Optional[Callable[..., CLState]] = None
+    model: Any = None
+    transforms: tuple = ()

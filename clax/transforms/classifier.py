@@ -76,3 +76,29 @@ def apply(cl: CLState, ctx: Context, x, tid, train: bool):
 def cross_entropy(logits, y) -> jax.Array:
     """Mean softmax cross-entropy with integer targets."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def model(ctx: Context, frozen_backbone: bool = False, name: str = "classifier"):
+    """The backbone + head as a :class:`clax.compose.Model`: the default model of the baselines.
+
+    ``forward`` gives the logits of :func:`apply` and ``aux = {"features": f}``; ``outputs`` gives every
+    task's head on those features (``[B, T, C]`` in TIL, unmasked) or the shared head's ``[B, K]`` (CIL).
+    """
+    from clax.compose import Model
+
+    def forward(cl, x, tid, t, train, key):
+        f, state = features(cl, ctx, x, train)
+        return logits_from_features(cl, ctx, f, tid), {"features": f}, state
+
+    def predict(cl, x, tid):
+        return apply(cl, ctx, x, tid, train=False)[0]
+
+    def outputs(cl, aux):
+        f = aux["features"]
+        if ctx.scenario == "til":
+            head = cl.per_task["head"]
+            return jnp.einsum("bd,tdc->btc", f, head["kernel"]) + head["bias"][None]
+        return head_logits(cl.shared["head"], f)
+
+    return Model(name, lambda key: init(key, ctx, frozen_backbone), forward, predict, outputs,
+                 default=not frozen_backbone and name == "classifier")

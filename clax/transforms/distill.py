@@ -56,3 +56,54 @@ def kd_loss(student_logits, teacher_logits, temperature: float = 2.0, mask=None,
     if mask is not None:
         terms = jnp.where(mask, terms, 0.0)
     return temperature**2 * jnp.mean(jnp.sum(terms, axis=-1))
+
+
+def snapshot(cl) -> dict:
+    """A copy of the trained model (``shared``, ``per_task``, ``state``) to serve as a teacher."""
+    return jax.tree.map(jnp.array, {"shared": cl.shared, "per_task": cl.per_task, "state": cl.state})
+
+
+def with_snapshot(cl, snap: dict):
+    """``cl`` with its model replaced by a snapshot (for the teacher's forward pass)."""
+    return cl.replace(shared=snap["shared"], per_task=snap["per_task"], state=snap["state"])
+
+
+def old_outputs(ctx, model_outputs, t):
+    """``(outputs, mask)`` of the tasks before ``t``: TIL ``[B, T, C]`` with mask ``[1, T, C]`` (old
+    tasks' valid outputs), CIL ``[B, K]`` with mask ``[1, K]`` (old tasks' classes)."""
+    old = jnp.arange(ctx.num_tasks) < t
+    if ctx.scenario == "til":
+        return model_outputs, (old[:, None] & ctx.output_mask())[None]
+    return model_outputs, jnp.any(ctx.output_mask() & old[:, None], axis=0)[None]
+
+
+def lwf(ctx, alpha: float = 1.0, temperature: float = 2.0, name: str = "lwf"):
+    """Learning without Forgetting (Li & Hoiem 2017) as a :class:`clax.compose.Transform`.
+
+    ``begin_task`` snapshots the model as the teacher (``cl.extra[name]``); the term ``kd`` is
+    :func:`kd_loss` between the student's and the teacher's outputs of the old tasks on the current
+    task's samples (the model's ``outputs``: old heads in TIL, averaged over the ``t`` old tasks; old
+    classes of the shared head in CIL), added with weight ``alpha``. In CIL the current task's
+    cross-entropy is restricted to its own classes (``ce_mask``, the CIL adaptation of FACIL and
+    PyCIL), so that learning new classes does not push the old logits down; rows a rehearsal
+    transform adds keep the full output space.
+    """
+    from clax.compose import Transform, state, with_state
+
+    def loss(cl, view, batch, key, t):
+        aux, x = view.aux, view.data["x"]
+        teacher = with_snapshot(cl, state(cl, name))
+        _, t_aux, _ = view.model.forward(teacher, x, view.data["tid"], t, False, key)
+        s_old, mask = old_outputs(ctx, view.model.outputs(cl, aux), t)
+        t_old, _ = old_outputs(ctx, view.model.outputs(teacher, jax.tree.map(jax.lax.stop_gradient, t_aux)), t)
+        kd = kd_loss(s_old, jax.lax.stop_gradient(t_old), temperature, mask)
+        if ctx.scenario == "til":  # mean over the old tasks, not over all T slots
+            kd = kd * ctx.num_tasks / jnp.maximum(t, 1)
+        return alpha * kd, {"kd": kd}
+
+    def ce_mask(tid, t):
+        return ctx.output_mask()[tid]
+
+    return Transform(name, init=lambda key, cl: snapshot(cl), loss=loss,
+                     begin_task=lambda cl, data: with_state(cl, name, snapshot(cl)),
+                     ce_mask=ce_mask if ctx.scenario == "cil" else None)

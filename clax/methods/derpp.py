@@ -1,0 +1,21 @@
+"""DER++ (Buzzega et al., NeurIPS 2020, "Dark Experience for General Continual Learning"): the
+classifier and :func:`clax.transforms.rehearsal.derpp`: a reservoir memory that keeps the model's
+logits, matched with an MSE (``alpha``) beside rehearsal cross-entropy (``beta``). Defaults: the
+paper's sequential-CIFAR-10 setting with a 200-sample buffer (``alpha=0.1, beta=0.5``).
+"""
+from __future__ import annotations
+
+from clax.compose import chain
+from clax.methods.base import Context, Method
+from clax.settings import NON_NEGATIVE, POSITIVE_INT, check_settings
+from clax.transforms import classifier, rehearsal
+
+DERPP_DEFAULTS = {"buffer_size": 200, "alpha": 0.1, "beta": 0.5}
+DERPP_RULES = {"buffer_size": POSITIVE_INT, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE}
+
+
+def derpp(ctx: Context, **settings) -> Method:
+    """DER++ with settings ``buffer_size``, ``alpha`` (logit matching) and ``beta`` (rehearsal CE)."""
+    s = check_settings("derpp", DERPP_DEFAULTS, settings, DERPP_RULES)
+    return chain(classifier.model(ctx), rehearsal.derpp(int(s["buffer_size"]), ctx.input_shape, ctx.num_outputs,
+                                                        s["alpha"], s["beta"]), name="derpp")
