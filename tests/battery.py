@@ -45,7 +45,8 @@ def quick_run(method: str, benchmark: str = "split-digits", scenario: str | None
         from clax.train import make_context
         ctx = make_context(ctx.backbone, bench, ctx.scenario)
         from clax.methods import get_method
-        meth = get_method(cfg["method"], ctx, **cfg.get(cfg["method"], {}))
+        from clax.methods import method_settings
+        meth = get_method(cfg["method"], ctx, **method_settings(cfg))
     seen = {}
 
     def on_task_end(t, ts, A):

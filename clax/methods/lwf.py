@@ -3,7 +3,7 @@
 
 At the start of each task the model is snapshotted as the teacher; while the task trains, the
 student's outputs for old tasks on the new data are distilled towards the teacher's
-(``alpha * T^2 * KL`` at temperature ``T``). In TIL the old outputs are the old tasks' heads; in CIL
+(``alpha * KL`` at temperature ``T``, the paper's loss without Hinton's ``T^2``). In TIL the old outputs are the old tasks' heads; in CIL
 they are the old tasks' classes of the shared head, and the cross-entropy is taken over the current
 task's classes only, so that learning new classes does not push the old logits down (the CIL
 adaptation of LwF in FACIL and PyCIL; with a softmax over all classes LwF forgets as much as

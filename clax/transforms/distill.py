@@ -11,7 +11,7 @@ DIRECTIONS = ("teacher_student", "student_teacher")
 
 
 def kd_loss(student_logits, teacher_logits, temperature: float = 2.0, mask=None,
-            direction: str = "teacher_student", eps: float = 0.0) -> jax.Array:
+            direction: str = "teacher_student", eps: float = 0.0, t_squared: bool = True) -> jax.Array:
     """``T^2 * KL`` between the tempered softmaxes, summed over classes, averaged over every other axis.
 
     Args:
@@ -27,6 +27,8 @@ def kd_loss(student_logits, teacher_logits, temperature: float = 2.0, mask=None,
       eps: when positive, each probability is clamped to at least ``eps`` before the KL (the PAH
         authors' ``KL_divergence`` clamps both at 1e-10); computed as ``exp(max(log p, log eps))``,
         the same value without forming ``log`` of an underflowed probability. 0: no clamp.
+      t_squared: multiply by ``T^2`` (Hinton et al.'s scaling, which keeps the gradient's size as ``T``
+        changes; PAH's authors' code has it); False: the plain KL, as Li & Hoiem's LwF loss.
 
     Returns:
       A scalar: the per-sample KL (sum over the last axis) times ``T^2``, averaged over all leading
@@ -55,7 +57,7 @@ def kd_loss(student_logits, teacher_logits, temperature: float = 2.0, mask=None,
         terms = p_s * (log_s - log_t)
     if mask is not None:
         terms = jnp.where(mask, terms, 0.0)
-    return temperature**2 * jnp.mean(jnp.sum(terms, axis=-1))
+    return (temperature**2 if t_squared else 1.0) * jnp.mean(jnp.sum(terms, axis=-1))
 
 
 def snapshot(cl) -> dict:
@@ -81,12 +83,15 @@ def lwf(ctx, alpha: float = 1.0, temperature: float = 2.0, name: str = "lwf"):
     """Learning without Forgetting (Li & Hoiem 2017) as a :class:`clax.compose.Transform`.
 
     ``begin_task`` snapshots the model as the teacher (``cl.extra[name]``); the term ``kd`` is
-    :func:`kd_loss` between the student's and the teacher's outputs of the old tasks on the current
-    task's samples (the model's ``outputs``: old heads in TIL, averaged over the ``t`` old tasks; old
-    classes of the shared head in CIL), added with weight ``alpha``. In CIL the current task's
-    cross-entropy is restricted to its own classes (``ce_mask``, the CIL adaptation of FACIL and
-    PyCIL), so that learning new classes does not push the old logits down; rows a rehearsal
-    transform adds keep the full output space.
+    ``KL(p_teacher || p_student)`` of the old tasks' outputs at temperature ``T`` (the model's
+    ``outputs``: old heads in TIL, averaged over the ``t`` old tasks; old classes of the shared head in
+    CIL) on every row the step trains on (the current task's, and a rehearsal transform's where the
+    chain has one), added with weight ``alpha``. As Li & Hoiem's loss (``lambda_o * L_old`` with
+    ``lambda_o = 1``, ``T = 2``) it has no ``T^2`` factor; the KL differs from their cross-entropy by
+    the teacher's entropy, a constant, so the gradients are theirs. (clax before issue 13 multiplied
+    by Hinton's ``T^2``: 4x the paper's weight at ``T = 2``.) In CIL, where no transform mixes old
+    samples in, the current task's cross-entropy is restricted to its own classes (``ce_mask``, the
+    CIL adaptation of FACIL and PyCIL), so that learning new classes does not push the old logits down.
     """
     from clax.compose import Transform, state, with_state
 
@@ -96,7 +101,7 @@ def lwf(ctx, alpha: float = 1.0, temperature: float = 2.0, name: str = "lwf"):
         _, t_aux, _ = view.model.forward(teacher, x, view.data["tid"], t, False, key)
         s_old, mask = old_outputs(ctx, view.model.outputs(cl, aux), t)
         t_old, _ = old_outputs(ctx, view.model.outputs(teacher, jax.tree.map(jax.lax.stop_gradient, t_aux)), t)
-        kd = kd_loss(s_old, jax.lax.stop_gradient(t_old), temperature, mask)
+        kd = kd_loss(s_old, jax.lax.stop_gradient(t_old), temperature, mask, t_squared=False)
         if ctx.scenario == "til":  # mean over the old tasks, not over all T slots
             kd = kd * ctx.num_tasks / jnp.maximum(t, 1)
         return alpha * kd, {"kd": kd}

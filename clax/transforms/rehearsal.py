@@ -84,7 +84,7 @@ def task_logits(model, cl, x, t: int, batch_size: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def derpp(size: int, input_shape, num_outputs: int, alpha: float = 0.1, beta: float = 0.5,
+def derpp(size: int, input_shape, num_outputs: int, alpha: float = 0.2, beta: float = 1.0,
           name: str = "derpp") -> Transform:
     """DER++ (Buzzega et al., NeurIPS 2020): rehearsal that also keeps the model's logits.
 
