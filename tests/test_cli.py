@@ -33,11 +33,26 @@ def test_run_writes_results_json_metrics_csv_and_heatmap(tmp_path, capsys):
     (["run", "--method", "ewc", "--set", "train.lr=fast"], "bad value for train.lr: 'fast'"),
     (["run", "--method", "ewc", "--set", "noequals"], "--set expects key=value"),
     (["run", "--method", "ewc", "--scenario", "dil"], "unknown scenario 'dil'"),
+    (["run", "--method", "wsn+replay", "--scenario", "cil"], "wsn (in 'wsn+replay') supports til only"),
+    (["run", "--method", "wsn+ibm"], "wsn and ibm both own the network"),
+    (["run", "--method", "replay+lwf", "--set", "lwf.nosuch=1"], "unknown --set key 'lwf.nosuch'"),
+    (["run", "--method", "replay+nope"], "unknown method 'nope' in 'replay+nope'"),
 ])
 def test_user_errors_print_one_line_and_exit_2(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and needle in err and "Traceback" not in err
+
+
+def test_run_joins_methods_with_plus_and_sets_each_parts_settings(tmp_path, capsys):
+    w = tmp_path / "j"
+    assert main(["run", "--method", "replay+lwf", "--scenario", "cil", "--epochs", "1", "--workdir", str(w),
+                 "--quiet", "--set", "lwf.alpha=0.5", "--set", "replay.buffer_size=50"]) == 0
+    res = json.loads((w / "results.json").read_text())
+    assert res["method"] == "replay+lwf" and res["scenario"] == "cil"
+    assert res["config"]["lwf"]["alpha"] == 0.5 and res["config"]["replay"]["buffer_size"] == 50
+    header = (w / "metrics.csv").read_text().splitlines()[0]
+    assert header == "task,epoch,loss,ce,kd,replay,lr,grad_norm,seconds"
 
 
 def test_the_installed_command_exits_2_without_a_traceback():

@@ -10,12 +10,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from battery import tiny_digits
 from clax import checkpoint as ckpt
-from clax.compose import Transform, chain, join, state, with_state
+from clax import Transform, chain, join
+from clax.compose import state, with_state
 from clax.methods import get_method
 from clax.models import get_backbone
 from clax.train import TrainConfig, fit, make_context, make_optimizer
