@@ -12,6 +12,9 @@ generic trainer (:mod:`clax.train`) calls them in this order, for each task ``t`
 
 Only ``cl.shared`` and row ``t`` of ``cl.per_task`` are differentiated and reach the optimizer; the
 trainer writes back nothing else, so other tasks' rows stay bit-for-bit unchanged.
+
+Methods are not written against this protocol directly: :func:`clax.compose.chain` builds a
+:class:`Method` from a model and small transforms, and ``+`` joins chains (:func:`clax.compose.join`).
 """
 from __future__ import annotations
 
