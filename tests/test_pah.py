@@ -13,7 +13,7 @@ from clax.checkpoint import restore_raw
 from clax.methods.base import TaskData
 from clax.methods.pah import pah, semantic_prototype
 from clax.runner import build, run
-from clax.transforms.distill import kd_loss
+from clax.transforms.distill import kd_loss, with_snapshot
 
 # the same backbone and training for PAH and finetune; a learning rate at which finetune forgets
 SETS = ["backbone.hidden=[64]", "train.lr=5e-3", "train.optimizer=adamw", "train.weight_decay=0.01"]
@@ -48,6 +48,18 @@ def test_checkpoint_holds_prototypes_and_hypernetwork_but_no_heads(pah_run):
     assert res["timing"]["traces"] == {"train_step": 1, "eval_step": 1}
 
 
+def test_pah_is_a_chain_of_its_mechanisms():
+    """The generated-head model, the two-step distillation, the prototypes and the backbone's rate."""
+    _, ctx, meth = build(quick_config("pah", scenario="til", sets=SETS))
+    assert meth.model.name == "pah" and meth.model.scenarios == ("til",)
+    assert [tr.name for tr in meth.transforms] == ["proto_distill", "prototypes", "backbone_lr"]
+    assert meth.lr_scales == (("shared/backbone", 0.1),)
+    cl = meth.init(jax.random.PRNGKey(0))
+    assert set(cl.extra) == {"proto_distill"} and set(cl.extra["proto_distill"]) == {"teacher", "opt"}
+    random = pah(ctx, init="random")  # no semantic initialisation: every image trains
+    assert random.train_filter is None and [tr.name for tr in random.transforms][1] == "prototypes"
+
+
 @pytest.fixture(scope="module")
 def built():
     bench, ctx, meth = build(quick_config("pah", scenario="til", sets=SETS))
@@ -71,7 +83,7 @@ def test_semantic_init_uses_one_image_per_class_and_removes_it(built):
         np.testing.assert_allclose(np.asarray(cl1.shared["protos"][1, c]), want, rtol=1e-6)
     # other tasks' prototypes are left alone; the teacher is the model before the task
     np.testing.assert_array_equal(cl1.shared["protos"][0], cl.shared["protos"][0])
-    np.testing.assert_array_equal(cl1.extra["teacher"]["protos"], cl.shared["protos"])
+    np.testing.assert_array_equal(cl1.extra["proto_distill"]["teacher"]["shared"]["protos"], cl.shared["protos"])
 
 
 def test_prototype_step_moves_only_old_prototypes(built):
@@ -161,8 +173,7 @@ def test_kd_directions_on_a_hand_example():
 
 def _teacher_view(cl):
     """``cl`` with the teacher's model in place of the student's (for its logits through predict)."""
-    te = cl.extra["teacher"]
-    return cl.replace(shared={k: te[k] for k in cl.shared}, state={**cl.state, "backbone": te["stats"]})
+    return with_snapshot(cl, cl.extra["proto_distill"]["teacher"])
 
 
 def test_default_loss_is_ce_plus_half_the_authors_kd(built):
