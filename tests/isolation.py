@@ -29,7 +29,7 @@ def isolation_run(method: str, benchmark: str = "split-digits", epochs: int = 2,
 
     def on_task_end(t, ts, A):
         snaps.append({"weights": jax.tree.map(np.asarray, ts.cl.shared["weights"]),
-                      "consolidated": jax.tree.map(np.asarray, ts.cl.extra["consolidated"])})
+                      "consolidated": jax.tree.map(np.asarray, ts.cl.extra["consolidation"])})
         logits.append(task_logits(meth, ctx, ts.cl, bench.tasks[0], "til"))
 
     out = fit(meth, ctx, bench, train_config(cfg), progress=False, on_task_end=on_task_end)

@@ -116,7 +116,7 @@ def test_packnet_and_wsn_store_the_statistics_of_their_final_network(stream):
         np.testing.assert_array_equal(out["logits"][0], out["logits"][1])
         t = 1
         if method == "packnet":
-            m = jax.tree.map(lambda o: (o >= 1) & (o <= t + 1), cl.extra["owner"])
+            m = jax.tree.map(lambda o: (o >= 1) & (o <= t + 1), cl.extra["prune"]["owner"])
         else:
             from clax.transforms import binary_mask
 

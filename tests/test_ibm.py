@@ -21,6 +21,13 @@ def test_zero_forgetting_and_frozen_union(out):
     assert_isolation(out)
 
 
+def test_is_a_chain_of_the_masked_network_and_its_transforms(out):
+    meth = get_method("ibm", out["ctx"])
+    assert meth.model.name == "ibm" and meth.model.scenarios == ("til",) and not meth.model.default
+    assert [tr.name for tr in meth.transforms] == ["bottleneck", "consolidation", "bn_refresh"]
+    assert [tr.name for tr in get_method("ibm", out["ctx"], bn="batch").transforms] == ["bottleneck", "consolidation"]
+
+
 def test_learns_prunes_and_reports_capacity(out):
     assert np.all(np.diag(out["accuracy_matrix"]) > 0.65), np.diag(out["accuracy_matrix"])
     assert_capacity(out)
@@ -39,12 +46,12 @@ def test_prediction_uses_w_times_zscale_times_mask(out):
     want = consolidation.forward(cl, ctx, w, x, t, tid, train=False)[0]
     np.testing.assert_allclose(np.asarray(meth.predict(cl, x, tid)), np.asarray(want), rtol=1e-6, atol=1e-6)
     # and the consolidated union contains that mask
-    for m, c in zip(jax.tree.leaves(vm.mask(mu, log_d)), jax.tree.leaves(cl.extra["consolidated"])):
+    for m, c in zip(jax.tree.leaves(vm.mask(mu, log_d)), jax.tree.leaves(cl.extra["consolidation"])):
         assert not np.any(np.asarray(m) & ~np.asarray(c))
 
 
 def test_svd_ratio_is_set_per_layer(out):
-    ratios = jax.tree.leaves(out["state"].cl.extra["ratio"])
+    ratios = jax.tree.leaves(out["state"].cl.extra["bottleneck"]["ratio"])
     assert len(ratios) == 2 and all(0 < float(r) <= 1 for r in ratios)
     assert any(float(r) < 1 for r in ratios)  # recomputed from the features, not the initial 1
 
@@ -57,7 +64,7 @@ def test_begin_task_reinitialises_only_free_positions(out):
     trained = jax.tree.map(lambda a: jnp.full(a.shape, 7.0), w)
     per_task = dict(cl.per_task)
     per_task["mu"] = jax.tree.map(lambda a, v: a.at[0].set(v), cl.per_task["mu"], trained)
-    cl = cl.replace(per_task=per_task, extra={**cl.extra, "consolidated": cons})
+    cl = cl.replace(per_task=per_task, extra={**cl.extra, "consolidation": cons})
     fresh = task_row(cl.per_task["mu"], 1)
     data = TaskData(1, np.zeros((1, 64), np.float32), np.zeros(1, np.int32), jax.random.PRNGKey(0), 32)
     new = task_row(meth.begin_task(cl, data).per_task["mu"], 1)
@@ -75,7 +82,7 @@ def test_kl_enters_the_loss_with_its_factor(out):
     s = out["cfg"]["ibm"]
     mu = jax.tree.map(lambda a: a * s["vb_lr_mult"], task_row(cl.per_task["mu"], 0))
     log_d = jax.tree.map(lambda a: a * s["vb_lr_mult"], task_row(cl.per_task["logD"], 0))
-    want_kl = float(vm.total_kl(mu, log_d, cl.extra["ratio"])) / 8
+    want_kl = float(vm.total_kl(mu, log_d, cl.extra["bottleneck"]["ratio"])) / 8
     np.testing.assert_allclose(float(m["kl"]), want_kl, rtol=1e-5)
     np.testing.assert_allclose(float(total), float(m["ce"]) + s["kl_fac"] * want_kl, rtol=1e-5)
 

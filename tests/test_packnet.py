@@ -16,6 +16,13 @@ def test_zero_forgetting_and_frozen_union(out):
     assert_isolation(out)
 
 
+def test_is_a_chain_of_the_masked_network_and_its_transforms(out):
+    meth = get_method("packnet", out["ctx"])
+    assert meth.model.name == "packnet" and meth.model.scenarios == ("til",) and not meth.model.default
+    assert [tr.name for tr in meth.transforms] == ["prune", "consolidation", "bn_refresh"]
+    assert [tr.name for tr in get_method("packnet", out["ctx"], bn="running").transforms] == ["prune", "consolidation"]
+
+
 def test_learns_and_each_task_keeps_half_of_the_free_weights(out):
     assert np.all(np.diag(out["accuracy_matrix"]) > 0.65), np.diag(out["accuracy_matrix"])
     assert_capacity(out)
@@ -31,7 +38,7 @@ def test_pruning_releases_the_smallest_half_of_the_task_weights_and_zeroes_them(
     before = jax.tree.map(np.asarray, cl.shared["weights"])
     cl = meth.end_task(cl, data)
     for w0, w1, o in zip(jax.tree.leaves(before), jax.tree.leaves(cl.shared["weights"]),
-                         jax.tree.leaves(cl.extra["owner"])):
+                         jax.tree.leaves(cl.extra["prune"]["owner"])):
         o, w1 = np.asarray(o), np.asarray(w1)
         kept = np.abs(w0) >= np.median(np.abs(w0))
         np.testing.assert_array_equal(o == 1, kept)

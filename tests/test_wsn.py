@@ -18,6 +18,13 @@ def test_zero_forgetting_and_frozen_union(out):
     assert_isolation(out)
 
 
+def test_is_a_chain_of_the_masked_network_and_its_transforms(out):
+    meth = get_method("wsn", out["ctx"])
+    assert meth.model.name == "wsn" and meth.model.scenarios == ("til",) and not meth.model.default
+    assert [tr.name for tr in meth.transforms] == ["packed", "consolidation", "bn_refresh"]
+    assert [tr.name for tr in get_method("wsn", out["ctx"], bn="batch").transforms] == ["packed", "consolidation"]
+
+
 def test_learns_and_reports_capacity(out):
     assert np.all(np.diag(out["accuracy_matrix"]) > 0.65), np.diag(out["accuracy_matrix"])
     assert_capacity(out)
@@ -50,7 +57,7 @@ def test_one_live_score_tensor_carried_over_from_task_to_task(out):
 
 
 def test_scores_start_like_the_authors_kaiming_uniform():
-    from clax.methods.wsn import init_scores
+    from clax.transforms.binary_mask import init_scores
 
     w = {"conv": jnp.zeros((3, 3, 16, 32)), "dense": jnp.zeros((400, 10))}
     sc = init_scores(jax.random.PRNGKey(0), w)

@@ -11,6 +11,9 @@ PyTorch's ``torch.optim.swa_utils.update_bn``, i.e. ``momentum=None``).
 It works with any :class:`~clax.models.Backbone`, whatever its BatchNorm momentum: a train-mode pass
 returns ``momentum * old + (1 - momentum) * batch``, so two passes from statistics of all zeros and all
 ones give both the momentum and the batch statistic.
+
+:func:`refresh` is the transform of the masked networks (WSN, PackNet, IBM with ``bn="refresh"``): at the
+end of task ``t`` it re-estimates the task's BatchNorm row for its test-time weights.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from clax.compose import Transform
 
 PyTree = Any
 
@@ -66,3 +71,19 @@ def make_refresh(apply: Callable) -> Callable:
         return jax.tree.map(lambda a: a / len(batches), total)
 
     return refresh
+
+
+def refresh(ctx, weights: Callable, name: str = "bn_refresh") -> Transform:
+    """The transform that, at the end of task ``t``, re-estimates BatchNorm row ``t`` of a masked network
+    (:mod:`clax.transforms.consolidation`'s layout) for the network task ``t`` is tested with,
+    ``weights(cl, t)`` (a :class:`~clax.transforms.consolidation.Mask`'s ``test``), on the task's training
+    inputs in batches of the training batch size (:func:`clax.transforms.consolidation.refresh_task`).
+    No other row changes; it keeps no state."""
+    from clax.transforms import consolidation
+
+    run = make_refresh(ctx.backbone.apply)
+
+    def end_task(cl, data):
+        return consolidation.refresh_task(cl, ctx, run, weights(cl, data.t), data.t, data.x, data.batch_size)
+
+    return Transform(name, end_task=end_task, scenarios=("til",))

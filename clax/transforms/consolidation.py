@@ -1,5 +1,16 @@
 """Parameter isolation: a backbone whose chosen weights are masked per task, and the consolidation of
-the union of task masks (WSN, PackNet, IBM share this piece).
+the union of task masks. WSN, PackNet and IBM share this piece: each is
+``chain(model(ctx, mask, ...), <its mask's transform>, freeze(mask, T), batchnorm.refresh(...))``.
+
+* :class:`Mask`: how task ``t``'s weights ``W_eff`` are formed from the shared ``W`` (a model
+  parameterisation: WSN's top-c scores, :func:`clax.transforms.binary_mask.top_c`; PackNet's owners,
+  :func:`clax.transforms.prune.owned`; IBM's variational masks,
+  :func:`clax.transforms.variational_mask.ib_mask`).
+* :func:`model`: the masked network as a :class:`clax.compose.Model` (TIL only): the training forward
+  uses the mask's training weights, predictions its test weights.
+* :func:`freeze`: the consolidation transform: the union of finished tasks' masks gets no update, and
+  each task's mask joins it at the task's end; it reports every task's mask density and the capacity
+  used.
 
 Layout of the :class:`~clax.partition.CLState` that :func:`init` builds:
 
@@ -13,13 +24,14 @@ Layout of the :class:`~clax.partition.CLState` that :func:`init` builds:
   The network a task is tested with is not the one it trained with (IBM trains with noisy, unpruned
   weights; PackNet prunes), so the setting ``bn`` (:data:`BN_MODES`) decides which statistics the test
   uses: ``"refresh"`` (clax's default) re-estimates row ``t`` at the end of task ``t`` with the task's
-  test-time weights (:func:`refresh_task`, :mod:`clax.transforms.batchnorm`); ``"batch"`` normalises
-  with each test batch's own statistics, as the authors' code of WSN and IBM does
+  test-time weights (:func:`refresh_task`, the transform :func:`clax.transforms.batchnorm.refresh`);
+  ``"batch"`` normalises with each test batch's own statistics, as the authors' code of WSN and IBM does
   (``BatchNorm2d(track_running_stats=False)``; the padded last evaluation batch then counts its padding);
   ``"running"`` keeps the running averages collected in training.
-* ``extra["consolidated"]``: bool tree over ``W``, the union of the masks of finished tasks. Through
-  :func:`update_mask` the trainer zeroes the gradient and the optimizer's update (Adam moments and
-  weight decay included, since the update is zeroed after the optimizer) at those positions.
+* ``extra["consolidation"]`` (the state of :func:`freeze`): bool tree over ``W``, the union of the
+  masks of finished tasks. Through the transform's ``update_mask`` the trainer zeroes the gradient and
+  the optimizer's update (Adam moments and weight decay included, since the update is zeroed after the
+  optimizer) at those positions.
 
 An old task's prediction reads only its own per-task rows, its own BatchNorm row and ``W`` inside its
 mask, which is consolidated, hence its logits are bit-for-bit unchanged by later tasks.
@@ -27,7 +39,7 @@ mask, which is consolidated, hence its logits are bit-for-bit unchanged by later
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +47,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from clax import partition as P
+from clax.compose import Model, Transform, state
 from clax.partition import CLState
 from clax.transforms import classifier
 
@@ -44,6 +57,27 @@ if TYPE_CHECKING:
 PyTree = Any
 DEFAULT_LAYERS = r"kernel$"
 BN_MODES = ("refresh", "batch", "running")
+
+
+class Mask(NamedTuple):
+    """How a masked network forms task ``t``'s weights from the shared ``W`` (a model parameterisation).
+
+    Attributes:
+      name: the mask's name.
+      init: ``(key, net) -> CLState``: ``net(key)`` builds the masked network (:func:`init`); the mask
+        splits the key as it needs and adds its parameters (``shared``/``per_task``).
+      train: ``(cl, t, key) -> (W_eff, aux)``: the weights task ``t`` (traced) trains with, and what
+        transforms may read of them (``aux``: 0-d leaves or trees of per-layer scalars).
+      test: ``(cl, t) -> W_eff``: task ``t``'s weights at test time (and for its BatchNorm refresh).
+      task: ``(cl, t) -> bool tree``: task ``t``'s mask over ``W``: what consolidates at the end of the
+        task and what the capacity report counts.
+    """
+
+    name: str
+    init: Callable
+    train: Callable
+    test: Callable
+    task: Callable
 
 
 def check_bn(name: str, mode: str) -> str:
@@ -76,7 +110,12 @@ def split_weights(params: PyTree, layers: str, setting: str = "layers") -> tuple
 
 
 def init(key, ctx: Context, layers: str = DEFAULT_LAYERS, setting: str = "layers") -> CLState:
-    """A :class:`CLState` in the layout of the module docstring (empty ``extra`` but the union)."""
+    """A :class:`CLState` in the layout of the module docstring (``extra`` empty: the union is the state
+    of :func:`freeze`).
+
+    Raises:
+      ValueError: the scenario is not TIL, or ``layers`` matches no weight (:func:`split_weights`).
+    """
     if ctx.scenario != "til":
         raise ValueError(f"parameter-isolation methods need the task id: scenario must be 'til', "
                          f"got {ctx.scenario!r}")
@@ -88,13 +127,30 @@ def init(key, ctx: Context, layers: str = DEFAULT_LAYERS, setting: str = "layers
         shared={"weights": weights},
         per_task={"head": cl.per_task["head"], "rest": P.stack_tasks(rest, T)},
         state={"backbone": P.stack_tasks(cl.state["backbone"], T)},
-        extra={"consolidated": jax.tree.map(lambda w: jnp.zeros(w.shape, bool), weights)},
+        extra={},
     )
 
 
 def apply_masks(weights: PyTree, masks: PyTree) -> PyTree:
     """``W * m`` leaf by leaf (``masks`` has ``weights``' structure; float or bool)."""
     return jax.tree.map(lambda w, m: w * m.astype(w.dtype), weights, masks)
+
+
+def features(cl: CLState, ctx: Context, w_eff: PyTree, x, t, train: bool, bn: str = "refresh"):
+    """Backbone features ``[B, D]`` and the new ``cl.state`` of the backbone with masked weights ``w_eff``
+    (see :func:`forward`)."""
+    rest = P.task_row(cl.per_task["rest"], t)
+    params = P.merge(w_eff, rest)
+    stats = P.task_row(cl.state["backbone"], t)
+    f, new_stats = ctx.backbone.apply(params, stats, x, train or bn == "batch")
+    new = {**cl.state, "backbone": P.set_task_row(cl.state["backbone"], t, new_stats)} if train else cl.state
+    return f, new
+
+
+def head(cl: CLState, ctx: Context, f, tid) -> jax.Array:
+    """Each sample's task head on features ``f``; outputs beyond its task's classes masked to -1e9."""
+    out = classifier.head_logits(cl.per_task["head"], f, tid)
+    return jnp.where(ctx.output_mask()[tid], out, classifier.NEG)
 
 
 def forward(cl: CLState, ctx: Context, w_eff: PyTree, x, t, tid, train: bool, bn: str = "refresh"):
@@ -105,14 +161,36 @@ def forward(cl: CLState, ctx: Context, w_eff: PyTree, x, t, tid, train: bool, bn
     With ``train=False`` and ``bn="batch"`` the batch's own statistics normalise it (the stored ones
     are neither used nor changed).
     """
-    rest = P.task_row(cl.per_task["rest"], t)
-    params = P.merge(w_eff, rest)
-    stats = P.task_row(cl.state["backbone"], t)
-    f, new_stats = ctx.backbone.apply(params, stats, x, train or bn == "batch")
-    out = classifier.head_logits(cl.per_task["head"], f, tid)
-    logits = jnp.where(ctx.output_mask()[tid], out, classifier.NEG)
-    state = {**cl.state, "backbone": P.set_task_row(cl.state["backbone"], t, new_stats)} if train else cl.state
-    return logits, state
+    f, new = features(cl, ctx, w_eff, x, t, train, bn)
+    return head(cl, ctx, f, tid), new
+
+
+def model(ctx: Context, mask: Mask, layers: str = DEFAULT_LAYERS, bn: str = "refresh",
+          name: str = "masked") -> Model:
+    """The masked network of :func:`init` with ``mask`` as a :class:`clax.compose.Model` (TIL only).
+
+    ``forward`` in training uses ``mask.train``'s weights and updates BatchNorm row ``t``; otherwise, and
+    in ``predict``, task ``t``'s ``mask.test`` weights with the test-time statistics ``bn``. ``aux`` holds
+    ``features`` and the mask's own ``aux``; ``outputs`` gives every task's head ``[B, T, C]``. A bad
+    ``layers`` regex is refused at ``init``, naming the setting ``{name}.layers``.
+    """
+    def init_(key):
+        return mask.init(key, lambda k: init(k, ctx, layers, f"{name}.layers"))
+
+    def forward_(cl, x, tid, t, train, key):
+        w_eff, aux = mask.train(cl, t, key) if train else (mask.test(cl, t), {})
+        f, new = features(cl, ctx, w_eff, x, t, train, bn)
+        return head(cl, ctx, f, tid), {**aux, "features": f}, new
+
+    def predict(cl, x, tid):
+        t = batch_task(tid)
+        return forward(cl, ctx, mask.test(cl, t), x, t, tid, train=False, bn=bn)[0]
+
+    def outputs(cl, aux):
+        h = cl.per_task["head"]
+        return jnp.einsum("bd,tdc->btc", aux["features"], h["kernel"]) + h["bias"][None]
+
+    return Model(name, init_, forward_, predict, outputs, scenarios=("til",))
 
 
 def refresh_task(cl: CLState, ctx: Context, refresh, w_eff: PyTree, t: int, x, batch_size: int) -> CLState:
@@ -132,11 +210,37 @@ def batch_task(tid) -> jax.Array:
     return tid[0]
 
 
-def update_mask(cl: CLState, t) -> dict:
-    """The trainer's update mask: shared weights move only outside the union, per-task rows freely."""
-    row = P.task_row(cl.per_task, t)
-    return {"shared": {"weights": jax.tree.map(jnp.logical_not, cl.extra["consolidated"])},
-            "task": jax.tree.map(lambda a: jnp.ones(a.shape, bool), row)}
+def update_mask(cl: CLState, t, weights: PyTree) -> dict:
+    """An update mask over the trained tree: ``shared["weights"]`` move where ``weights`` (bool tree) is
+    True, every other shared parameter (WSN's scores) and task ``t``'s per-task row move freely."""
+    ones = lambda tree: jax.tree.map(lambda a: jnp.ones(a.shape, bool), tree)  # noqa: E731
+    shared = {k: (weights if k == "weights" else ones(v)) for k, v in cl.shared.items()}
+    return {"shared": shared, "task": ones(P.task_row(cl.per_task, t))}
+
+
+def union(cl: CLState, name: str = "consolidation") -> PyTree:
+    """The consolidated union (bool tree over ``W``) kept by the :func:`freeze` transform ``name``."""
+    return state(cl, name)
+
+
+def freeze(mask: Mask, num_tasks: int, name: str = "consolidation") -> Transform:
+    """Consolidation: the union of finished tasks' masks (``cl.extra[name]``, bool over ``W``) gets no
+    update (``update_mask``); at the end of task ``t``, ``mask.task(cl, t)`` joins it. ``report``:
+    :func:`capacity_report` of every task's mask."""
+    def init_(key, cl):
+        return jax.tree.map(lambda w: jnp.zeros(w.shape, bool), cl.shared["weights"])
+
+    def update_mask_(cl, t):
+        return update_mask(cl, t, jax.tree.map(jnp.logical_not, state(cl, name)))
+
+    def end_task(cl, data):
+        return cl.replace(extra={**cl.extra, name: consolidate(state(cl, name), mask.task(cl, data.t))})
+
+    def report(cl):
+        return capacity_report([mask.task(cl, t) for t in range(num_tasks)])
+
+    return Transform(name, init=init_, update_mask=update_mask_, end_task=end_task, report=report,
+                     scenarios=("til",))
 
 
 def consolidate(consolidated: PyTree, mask: PyTree) -> PyTree:
