@@ -126,6 +126,10 @@ class Transform(NamedTuple):
       cumulative: train task ``r`` on tasks ``0..r`` (joint training).
       scenarios: the scenarios the transform supports.
       owns: resources only one transform of a method may hold (e.g. ``("task_inference",)``).
+      step: optional ``(cl, view, batch, key, t) -> state``: the transform's new state from the step's
+        forward pass, at the parameters before the optimizer's update (a second optimiser stepped on the
+        same forward as the main one: the H-embedding decoder's Adam); stored at ``cl.extra[name]`` once
+        the update is applied (carried out of the loss under ``cl.state[STEPPED]``, popped by ``on_update``).
     """
 
     name: str
@@ -148,6 +152,11 @@ class Transform(NamedTuple):
     cumulative: bool = False
     scenarios: tuple = ("til", "cil")
     owns: tuple = ()
+    step: Optional[Callable] = None
+
+
+#: where :func:`chain`'s loss carries the ``step`` hooks' new states to the update (popped there)
+STEPPED = "stepped"
 
 
 def state(cl, name: str):
@@ -241,6 +250,9 @@ def chain(model: Model, *transforms: Transform, name: Optional[str] = None, scen
                 add, m = tr.loss(cl, view, batch, jax.random.fold_in(keys[i], 1), t)
                 total = total + add
                 metrics.update(m)
+        stepped = {tr.name: tr.step(cl, view, batch, jax.random.fold_in(keys[i], 2), t)
+                   for i, tr in enumerate(transforms) if tr.step is not None}
+        new_state = {**new_state, STEPPED: stepped} if stepped else new_state
         return total, (new_state, {"loss": total, **metrics})
 
     predict = model.predict
@@ -288,7 +300,8 @@ def chain(model: Model, *transforms: Transform, name: Optional[str] = None, scen
         name, init, loss, predict,
         begin_task=hooks("begin_task") or identity, end_task=hooks("end_task") or identity,
         update_mask=update_mask if masks else None, post_update=hooks("post_update"),
-        on_update=hooks("on_update"), end_epoch=hooks("end_epoch"),
+        on_update=_with_stepped(hooks("on_update")) if any(tr.step for tr in transforms) else hooks("on_update"),
+        end_epoch=hooks("end_epoch"),
         cumulative=any(tr.cumulative for tr in transforms), evaluates_unseen=evaluates_unseen,
         task_bytes=task_bytes if any(tr.task_bytes for tr in transforms) else None,
         report=report if any(tr.report for tr in transforms) else None,
@@ -296,6 +309,16 @@ def chain(model: Model, *transforms: Transform, name: Optional[str] = None, scen
         train_filter=filters[0] if filters else None,
         lr_scales=tuple(r for tr in transforms for r in tr.lr_scales),
         model=model, transforms=transforms)
+
+
+def _with_stepped(on_update):
+    """``on_update`` after moving the ``step`` hooks' states from ``cl.state[STEPPED]`` to ``cl.extra``."""
+    def run(cl, grads, updates, t):
+        st = dict(cl.state)
+        stepped = st.pop(STEPPED)
+        cl = cl.replace(state=st, extra={**cl.extra, **stepped})
+        return cl if on_update is None else on_update(cl, grads, updates, t)
+    return run
 
 
 def join(*methods, scenario: Optional[str] = None):

@@ -6,6 +6,7 @@ import pytest
 
 from battery import assert_no_recompile_after_first_task, quick_config, quick_run
 from clax.cli import main
+from clax.compose import STEPPED
 from clax.methods import get_method
 from clax.methods.base import Context, TaskData
 from clax.methods.hembed import HEMBED_DEFAULTS, hembed
@@ -27,6 +28,7 @@ def _tiny_ctx():
                    (6,))
 
 
+KEY = jax.random.PRNGKey(0)
 TINY = {"chunk_size": 16, "hidden": [8], "task_emb_dim": 4, "chunk_emb_dim": 3}
 
 
@@ -65,7 +67,7 @@ def test_regulariser_is_the_squared_distance_between_generated_weight_pytrees():
     t = 2
     cl = meth.begin_task(cl, _data(t))                          # the snapshot theta*
     theta = _perturb(theta_star, jax.random.PRNGKey(2))
-    _, (_, m) = meth.loss(cl.replace(shared={"hnet": theta}), _batch(jax.random.PRNGKey(3)), None, jnp.int32(t))
+    _, (_, m) = meth.loss(cl.replace(shared={"hnet": theta}), _batch(jax.random.PRNGKey(3)), KEY, jnp.int32(t))
     embs = cl.per_task["emb"]
     want = sum(float(np.sum((a - b) ** 2)) for j in range(t)
                for a, b in zip(_weights(hn, theta, embs[j]), _weights(hn, theta_star, embs[j]))) / t
@@ -75,7 +77,7 @@ def test_regulariser_is_the_squared_distance_between_generated_weight_pytrees():
     np.testing.assert_allclose(float(m["reg"]), want, rtol=1e-4)
     # the snapshot targets are the generated weights of theta*, leaves raveled in layout order
     for j in range(4):
-        np.testing.assert_allclose(np.asarray(cl.extra["targets"][j]),
+        np.testing.assert_allclose(np.asarray(cl.extra["output_reg"]["targets"][j]),
                                    np.concatenate([x.reshape(-1) for x in _weights(hn, theta_star, embs[j])]),
                                    rtol=1e-6, atol=1e-7)
 
@@ -111,7 +113,7 @@ def test_hembed_decoder_reads_e_t_and_every_chunk_embedding():
     L_emb therefore reaches the chunk embeddings."""
     _, meth, hn = _tiny_hembed(hidden=[])
     cl = _at_task2(meth)
-    dec, e_hat = cl.state["decoder"], cl.extra["h_emb"][2]
+    dec, e_hat = cl.extra["h_embedding"]["decoder"], cl.extra["h_embedding"]["h_emb"][2]
     e_t = np.asarray(cl.per_task["emb"][2])
     x = np.concatenate([np.r_[e_t, np.asarray(c)] for c in cl.shared["hnet"]["chunk_emb"]])   # [e_t; c_i], all i
     assert x.shape == (hn.num_chunks * 7,) and dec[0]["kernel"].shape == (hn.num_chunks * 7, 5)
@@ -119,16 +121,17 @@ def test_hembed_decoder_reads_e_t_and_every_chunk_embedding():
     d = d @ np.asarray(dec[1]["kernel"]) + np.asarray(dec[1]["bias"])
     want = 1 - d @ np.asarray(e_hat) / (np.linalg.norm(d) * np.linalg.norm(e_hat))
     batch = _batch(jax.random.PRNGKey(3))
-    _, (_, m) = meth.loss(cl, batch, None, jnp.int32(2))
+    _, (_, m) = meth.loss(cl, batch, KEY, jnp.int32(2))
     np.testing.assert_allclose(float(m["emb"]), want, rtol=1e-4)
 
     def grad_chunks(cl):
         return jax.grad(lambda ce: meth.loss(cl.replace(shared={"hnet": {**cl.shared["hnet"], "chunk_emb": ce}}),
-                                             batch, None, jnp.int32(2))[0])(cl.shared["hnet"]["chunk_emb"])
-    other = cl.replace(extra={**cl.extra, "h_emb": cl.extra["h_emb"].at[2].set(-e_hat)})
+                                             batch, KEY, jnp.int32(2))[0])(cl.shared["hnet"]["chunk_emb"])
+    g = cl.extra["h_embedding"]
+    other = cl.replace(extra={**cl.extra, "h_embedding": {**g, "h_emb": g["h_emb"].at[2].set(-e_hat)}})
     assert not np.allclose(grad_chunks(cl), grad_chunks(other))  # L_emb's gradient reaches every c_i
     _, meth_e, _ = _tiny_hembed(hidden=[], decoder_input="embedding")   # clax's earlier D(e_t)
-    assert _at_task2(meth_e).state["decoder"][0]["kernel"].shape == (4, 5)
+    assert _at_task2(meth_e).extra["h_embedding"]["decoder"][0]["kernel"].shape == (4, 5)
 
 
 def test_hembed_fresh_decoder_per_task_with_its_own_adam_at_1e_3():
@@ -136,39 +139,41 @@ def test_hembed_fresh_decoder_per_task_with_its_own_adam_at_1e_3():
     assert HEMBED_DEFAULTS["decoder_lr"] == 1e-3 and HEMBED_DEFAULTS["decoder"] == "per_task"
     cl = _at_task2(meth)
     assert "decoder" not in cl.shared  # not the trainer's optimizer's
-    dec = cl.state["decoder"]
-    assert int(cl.state["decoder_opt"][0].count) == 0
+    dec = cl.extra["h_embedding"]["decoder"]
+    assert int(cl.extra["h_embedding"]["decoder_opt"][0].count) == 0
     for layer in dec:  # PyTorch nn.Linear's default initialisation
         bound = 1 / np.sqrt(layer["kernel"].shape[0])
         assert np.all(np.abs(layer["kernel"]) <= bound) and np.all(np.abs(layer["bias"]) <= bound)
         assert np.std(np.asarray(layer["bias"])) > 0.2 * bound
     # one step: the decoder moves by Adam's first step (lr 1e-3) on grad of L_emb at the pre-update
     # hypernetwork: -1e-3 * g / (|g| + 1e-8)
-    e_t, e_hat, w = cl.per_task["emb"][2], cl.extra["h_emb"][2], 0.1
+    e_t, e_hat, w = cl.per_task["emb"][2], cl.extra["h_embedding"]["h_emb"][2], 0.1
     feats = hn.hidden(cl.shared["hnet"], e_t).reshape(-1)
 
     def l_emb(d):
         out = jax.nn.relu(feats @ d[0]["kernel"] + d[0]["bias"]) @ d[1]["kernel"] + d[1]["bias"]
         return w * (1 - out @ e_hat / (jnp.linalg.norm(out) * jnp.linalg.norm(e_hat)))
     g = jax.grad(l_emb)(dec)
-    _, (state, _) = meth.loss(cl, _batch(jax.random.PRNGKey(3)), None, jnp.int32(2))
-    for new, old, gi in zip(jax.tree.leaves(state["decoder"]), jax.tree.leaves(dec), jax.tree.leaves(g)):
+    _, (state, _) = meth.loss(cl, _batch(jax.random.PRNGKey(3)), KEY, jnp.int32(2))
+    stepped = state.pop(STEPPED)["h_embedding"]   # carried out of the loss to the update (clax.compose)
+    for new, old, gi in zip(jax.tree.leaves(stepped["decoder"]), jax.tree.leaves(dec), jax.tree.leaves(g)):
         np.testing.assert_allclose(np.asarray(new), np.asarray(old - 1e-3 * gi / (jnp.abs(gi) + 1e-8)),
                                    rtol=1e-5, atol=1e-8)
-    assert int(state["decoder_opt"][0].count) == 1
+    assert int(stepped["decoder_opt"][0].count) == 1
     # the next task starts a fresh decoder and a fresh Adam
-    nxt = meth.begin_task(cl.replace(state=state), _data(3, jax.random.PRNGKey(9)))
-    assert int(nxt.state["decoder_opt"][0].count) == 0
-    assert not np.allclose(nxt.state["decoder"][0]["kernel"], state["decoder"][0]["kernel"])
+    nxt = meth.begin_task(cl.replace(state=state, extra={**cl.extra, "h_embedding": stepped}),
+                          _data(3, jax.random.PRNGKey(9)))
+    assert int(nxt.extra["h_embedding"]["decoder_opt"][0].count) == 0
+    assert not np.allclose(nxt.extra["h_embedding"]["decoder"][0]["kernel"], stepped["decoder"][0]["kernel"])
 
 
 def test_hembed_random_ablation_draws_a_standard_normal():
     _, meth, _ = _tiny_hembed(guidance="random", task_emb_dim=64)
-    h = np.asarray(_at_task2(meth).extra["h_emb"][2])
+    h = np.asarray(_at_task2(meth).extra["h_embedding"]["h_emb"][2])
     assert np.any(h < 0) and np.max(np.abs(h)) > 1.0, h  # a uniform(0, 1) draw would have neither
     assert abs(np.mean(h)) < 0.5 and 0.6 < np.std(h) < 1.5
     _, meth_u, _ = _tiny_hembed(guidance="random", random_dist="uniform", task_emb_dim=64)   # clax's earlier
-    h_u = np.asarray(_at_task2(meth_u).extra["h_emb"][2])
+    h_u = np.asarray(_at_task2(meth_u).extra["h_embedding"]["h_emb"][2])
     assert np.all((h_u >= 0) & (h_u < 1))
 
 
@@ -235,11 +240,11 @@ def hembed_runs():
 def test_hembed_solves_h_embeddings_from_the_third_task(hembed_runs):
     out = hembed_runs["h"]
     cl = out["state"].cl
-    h = np.asarray(cl.extra["h_emb"])
+    h = np.asarray(cl.extra["h_embedding"]["h_emb"])
     assert np.all(h[:2] == 0) and np.all(np.linalg.norm(h[2:], axis=1) > 0)
     # the last task's decoder, read from the hypernetwork's hidden activation of its embedding over all
     # chunks, points towards its H-embedding
-    dec = cl.state["decoder"]
+    dec = cl.extra["h_embedding"]["decoder"]
     hn = make_target(out["ctx"], out["cfg"]["hembed"], "hembed").hn
     x = hn.hidden(cl.shared["hnet"], cl.per_task["emb"][3]).reshape(-1)
     for i, layer in enumerate(dec):
@@ -256,8 +261,8 @@ def test_hembed_switches(hembed_runs):
     # guidance=none is HNET: the same numbers bit for bit
     np.testing.assert_array_equal(hembed_runs["none"]["accuracy_matrix"], plain["accuracy_matrix"])
     np.testing.assert_array_equal(hembed_runs["none"]["logits_final"], plain["logits_final"])
-    h_rand = np.asarray(hembed_runs["random"]["state"].cl.extra["h_emb"])
-    h_h = np.asarray(hembed_runs["h"]["state"].cl.extra["h_emb"])
+    h_rand = np.asarray(hembed_runs["random"]["state"].cl.extra["h_embedding"]["h_emb"])
+    h_h = np.asarray(hembed_runs["h"]["state"].cl.extra["h_embedding"]["h_emb"])
     assert np.any(h_rand[2:] < 0) and not np.allclose(h_rand[2:], h_h[2:])  # standard normal draws
 
 
@@ -297,7 +302,8 @@ def test_hembed_cifar_experiment_runs_tiny_on_digits():
     out = _tiny(cfg, 3, ["hembed.hscore_samples=64", "hembed.solve_steps=50", "hembed.chunk_size=2000",
                          "hembed.decoder_hidden=32"])
     assert np.isfinite(out["acc"]) and out["accuracy_matrix"].shape == (3, 3)
-    assert np.linalg.norm(np.asarray(out["state"].cl.extra["h_emb"][2])) > 0  # the H-embedding was solved
+    h_emb = out["state"].cl.extra["h_embedding"]["h_emb"]
+    assert np.linalg.norm(np.asarray(h_emb[2])) > 0  # the H-embedding was solved
     assert_no_recompile_after_first_task(out)
 
 
@@ -319,9 +325,55 @@ def test_hembed_resumed_inside_a_task_ends_bit_for_bit_as_an_uninterrupted_run()
               checkpoint=checkpoint, checkpoint_every=3)
     assert saved, "no checkpoint inside task 2"
     ts, _ = saved[0]
-    assert int(ts.cl.state["decoder_opt"][0].count) > 0  # the decoder had been stepped when it was saved
+    assert int(ts.cl.extra["h_embedding"]["decoder_opt"][0].count) > 0  # the decoder had been stepped when it was saved
     out = fit(get_method("hembed", ctx, **cfg["hembed"]), ctx, bench, train_config(cfg), progress=False,
               resume=saved[0])
     np.testing.assert_array_equal(out["accuracy_matrix"], ref["accuracy_matrix"])
     for a, b in zip(jax.tree.leaves(out["state"].cl), jax.tree.leaves(ref["state"].cl)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --- composition: hnet and hembed as chains; EWC on top of HNET's generated network ---
+
+def test_hnet_and_hembed_are_chains_of_the_generated_network():
+    ctx = _tiny_ctx()
+    m = hnet(ctx, **TINY)
+    assert m.model.name == "hnet" and not m.model.default and [tr.name for tr in m.transforms] == ["output_reg"]
+    e = hembed(ctx, **TINY, decoder_hidden=5)
+    assert e.model.name == "hnet" and [tr.name for tr in e.transforms] == ["output_reg", "h_embedding"]
+    assert [tr.name for tr in hembed(ctx, **TINY, guidance="none").transforms] == ["output_reg"]   # exactly HNET
+    shared = hembed(ctx, **TINY, decoder_hidden=5, decoder="shared")
+    cl = shared.init(jax.random.PRNGKey(0))
+    assert "decoder" in cl.shared and "decoder" not in cl.extra["h_embedding"]
+    # CIL: the model maps global labels to the task's local ids, so the chain's ce is HNET's
+    cil = Context(ctx.backbone, 4, "cil", 8, ctx.task_classes, (6,))
+    model = hnet(cil, **TINY).model
+    np.testing.assert_array_equal(model.targets(jnp.array([4, 5, 7]), jnp.array([2, 2, 3]), 2), [0, 1, 1])
+    assert hnet(ctx, **TINY).model.targets is None
+
+
+def test_ewc_plus_hnet_trains_with_fisher_over_the_hypernetwork():
+    """``ewc+hnet``: EWC's transform on HNET's model (its Fisher through ``model.forward`` and
+    ``model.targets``): two tasks of split-digits TIL, finite ``ce``, ``ewc`` and ``reg`` terms, and a
+    nonzero Fisher of the hypernetwork after task 0."""
+    from battery import tiny_digits
+    from clax.train import TrainConfig
+
+    bench = tiny_digits(2)
+    ctx = make_context(get_backbone("mlp", bench.input_shape, hidden=[32]), bench, "til")
+    meth = get_method("ewc+hnet", ctx, ewc={"fisher_samples": 32},
+                      hnet={"chunk_size": 256, "task_emb_dim": 8, "chunk_emb_dim": 8, "hidden": [16]})
+    assert meth.model.name == "hnet" and [tr.name for tr in meth.transforms] == ["ewc", "output_reg"]
+    fisher = {}
+
+    def on_task_end(t, ts, A):
+        fisher[t] = ts.cl.extra["ewc"]["fisher"]
+
+    out = fit(meth, ctx, bench, TrainConfig(epochs=1, batch_size=16), progress=False, on_task_end=on_task_end)
+    assert [r["task"] for r in out["history"]] == [0, 1]
+    for row in out["history"]:
+        assert all(np.isfinite(row[k]) for k in ("ce", "ewc", "reg")), row
+    assert out["history"][1]["ewc"] > 0 and out["history"][1]["reg"] > 0
+    leaves = jax.tree.leaves(fisher[0]["hnet"])
+    assert sum(float(jnp.sum(x)) for x in leaves) > 0 and all(np.all(np.asarray(x) >= 0) for x in leaves)
+    assert np.all(np.isfinite(out["accuracy_matrix"][np.tril_indices(2)]))
