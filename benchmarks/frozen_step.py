@@ -20,9 +20,9 @@ import sys
 
 import jax
 
+from clax.compose import chain
 from clax.data import get_benchmark
 from clax.methods import get_method
-from clax.methods.finetune import classifier_method
 from clax.models import get_backbone
 from clax.train import make_context
 from clax.transforms import classifier
@@ -33,15 +33,9 @@ from _timing import train_step_seconds  # noqa: E402
 
 def linear_probe(ctx):
     """The frozen backbone (BatchNorm in inference mode) with a trained linear head."""
-    def init(key):
-        return classifier.init(key, ctx, frozen_backbone=True)
-
-    def loss(cl, batch, key, t):
-        logits, _ = classifier.apply(cl, ctx, batch["x"], batch["tid"], train=False)
-        ce = classifier.cross_entropy(logits, batch["y"])
-        return ce, (cl.state, {"loss": ce})
-
-    return classifier_method("probe", ctx, init=init, loss=loss)
+    model = classifier.model(ctx, frozen_backbone=True, name="probe")
+    frozen_bn = model._replace(forward=lambda cl, x, tid, t, train, key: model.forward(cl, x, tid, t, False, key))
+    return chain(frozen_bn, name="probe")
 
 
 def main(argv=None):

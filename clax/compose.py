@@ -61,6 +61,8 @@ class Model(NamedTuple):
       scenarios: the scenarios the model supports.
       default: True for the plain classifier every baseline starts from; a method with a model of its
         own (a masked, generated or frozen network) replaces it when methods are joined with ``+``.
+      ce: optional ``(logits, y, tid, t) -> [N]``: the per-sample classification loss of the current
+        task's rows, in place of softmax cross-entropy (Soft-TF's label smoothing over a task's classes).
     """
 
     name: str
@@ -71,6 +73,7 @@ class Model(NamedTuple):
     targets: Optional[Callable] = None
     scenarios: tuple = ("til", "cil")
     default: bool = False
+    ce: Optional[Callable] = None
 
 
 class View(NamedTuple):
@@ -242,7 +245,8 @@ def chain(model: Model, *transforms: Transform, name: Optional[str] = None, scen
         for tr in transforms:
             if tr.ce_mask is not None and not rows:  # with rehearsal rows the old classes are in the batch
                 new = jnp.where(tr.ce_mask(batch["tid"], t), new, NEG)
-        ce = _ce(new, y[:n] if rows else y).mean()
+        y_new = y[:n] if rows else y
+        ce = (_ce(new, y_new) if model.ce is None else model.ce(new, y_new, batch["tid"], t)).mean()
         total, metrics = ce, {"ce": ce}
         view = View(logits, aux, n, rows, data, model, added)
         for i, tr in enumerate(transforms):

@@ -130,6 +130,13 @@ def test_none_with_a_checkpoint_uses_it_and_glyphs_with_one_is_refused(checkpoin
     assert meth.report(cl)["pretrain"]["sha256"] == file_sha256(str(other))
 
 
+def test_clr_is_a_chain_of_the_reprogrammed_model_and_its_transforms(til):
+    meth = til["method"]
+    assert meth.model.name == "clr" and meth.model.scenarios == ("til",)
+    assert [tr.name for tr in meth.transforms] == ["task_batchnorm", "trained", "pretrained"]
+    assert set(til["state"].cl.extra) == {"trained"}
+
+
 def test_predict_for_untrained_task_names_it(til):
     meth, cl, task = til["method"], til["state"].cl, til["bench"].tasks[0]
     logits = checked_predict(meth, cl, task.x_test[:4], np.zeros(4, np.int32))

@@ -118,7 +118,7 @@ def test_loss_adds_the_pull_constraint_and_a_new_task_starts_from_the_last_e_pro
     x = jnp.asarray(bench.tasks[1].x_train[:8])
     batch = {"x": x, "y": jnp.asarray(bench.tasks[1].targets(bench.tasks[1].y_train[:8], "cil")),
              "tid": jnp.ones(8, jnp.int32)}
-    loss = jax.jit(lambda k: meth.loss(cl.replace(per_task={**cl.per_task, "e_key": k}), batch, None, 1))
+    loss = jax.jit(lambda k: meth.loss(cl.replace(per_task={**cl.per_task, "e_key": k}), batch, jax.random.PRNGKey(0), 1))
     total, (_, m) = loss(cl.per_task["e_key"])
     q = jax.jit(ctx.backbone.apply)(cl.frozen["backbone"], {}, x)[0]  # the frozen model's CLS feature
     assert float(m["key_loss"]) == pytest.approx(float(prompt.key_loss(q, cl.per_task["e_key"][1])), abs=1e-6)
@@ -170,3 +170,10 @@ def test_cil_prompt_rule_is_reported_beside_the_others_and_keys_learn():
 def test_bad_prompt_settings_are_named(sets, match):
     with pytest.raises(ValueError, match=match):
         build(quick_config("soft_tf", sets=TINY + sets))
+
+
+def test_soft_tf_with_prompts_in_cil_is_a_chain():
+    _, _, meth = build(quick_config("soft_tf", scenario="cil", sets=PROMPTS + ["soft_tf.task_inference=prompt"]))
+    assert meth.model.name == "soft_tf"
+    assert [tr.name for tr in meth.transforms] == ["stored_masks", "prompts", "task_inference", "trained",
+                                                   "pretrained"]

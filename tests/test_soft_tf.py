@@ -96,6 +96,29 @@ def test_cil_reports_task_id_accuracy_of_both_rules():
     assert ti["class_accuracy"]["ncm"] == pytest.approx(float(A @ sizes / sizes.sum()))
 
 
+def test_soft_tf_is_a_chain_of_the_masked_vit_and_its_transforms(til):
+    meth = til["method"]
+    assert meth.model.name == "soft_tf" and meth.model.ce is not None  # label smoothing
+    assert [tr.name for tr in meth.transforms] == ["stored_masks", "trained", "pretrained"]
+    _, _, cil = build(quick_config("soft_tf", scenario="cil", sets=TINY))
+    assert [tr.name for tr in cil.transforms] == ["stored_masks", "task_inference", "trained", "pretrained"]
+
+
+def test_soft_tf_plus_replay_trains_in_cil():
+    """Rehearsal composes with the frozen ViT: replay's rows carry old task ids, scored under their own
+    task's stored masks and head (per-sample dispatch); both terms are finite in both tasks."""
+    out = quick_run("soft_tf+replay", scenario="cil", epochs=1, sets=TINY, num_tasks=2)
+    meth = out["method"]
+    assert meth.model.name == "soft_tf"
+    assert [tr.name for tr in meth.transforms][-1] == "replay"
+    assert len(out["history"]) == 2
+    for row in out["history"]:
+        assert np.isfinite(row["ce"]) and np.isfinite(row["replay"]), row
+    assert 0 < out["history"][1]["replay"] < 10  # task 1 draws task 0's rows: scored under task 0's head
+    assert int(out["state"].cl.extra["replay"]["seen"]) > 0
+    assert np.all(np.isfinite(out["accuracy_matrix"][-1])), out["accuracy_matrix"]
+
+
 def test_untrained_task_id_and_empty_filter_are_named(til):
     meth, cl, task = til["method"], til["state"].cl, til["bench"].tasks[0]
     cl2 = cl.replace(extra={**cl.extra, "trained": cl.extra["trained"].at[1].set(False)})

@@ -22,14 +22,12 @@ checkpoint is refused. results.json's ``pretrain`` names the source (a file with
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from clax import partition as P
-from clax.methods.base import Context, Method, TaskData
-from clax.methods.frozen import PRETRAIN_DEFAULTS, PRETRAIN_RULES, by_task, check_trained, frozen_backbone, mark_trained
-from clax.partition import CLState
+from clax.compose import chain
+from clax.methods.base import Context, Method
+from clax.methods.frozen import PRETRAIN_DEFAULTS, PRETRAIN_RULES, frozen_backbone
 from clax.settings import Rule, check_settings
-from clax.transforms import classifier, reprogram
+from clax.transforms import frozen, reprogram
 
 CLR_DEFAULTS = {"kernel_size": 3, "full": False, **{**PRETRAIN_DEFAULTS, "pretrain_steps": 120}}
 CLR_RULES = {"kernel_size": Rule("int", lambda v: v >= 1 and v % 2 == 1, "a positive odd number"), **PRETRAIN_RULES}
@@ -42,55 +40,11 @@ def clr(ctx: Context, **settings) -> Method:
     if ctx.scenario != "til":
         raise ValueError(f"method 'clr' supports scenario 'til' only (its task id picks the reprogramming), "
                          f"got scenario {ctx.scenario!r}")
-    T = ctx.num_tasks
+    k, full = int(s["kernel_size"]), bool(s["full"])
     # the reprogramming's own checks (kernel size, a convolution to wrap) on the backbone's shapes, before
     # any pretraining
-    jax.eval_shape(lambda k: reprogram.init(ctx.backbone.init(k)[0], T, int(s["kernel_size"]), bool(s["full"])),
+    jax.eval_shape(lambda key: reprogram.init(ctx.backbone.init(key)[0], ctx.num_tasks, k, full),
                    jax.random.PRNGKey(0))
     params, stats, pre_report = frozen_backbone(ctx, s, "clr")
-    module = ctx.backbone.module
-    out_mask = ctx.output_mask()
-
-    def init(key):
-        bn_p, bn_s = reprogram.init_batchnorm(params, stats, T)
-        head = jax.vmap(lambda k: classifier.init_head(k, ctx.backbone.feature_dim, ctx.num_outputs))(
-            jax.random.split(key, T))
-        per_task = {"reprogram": reprogram.init(params, T, int(s["kernel_size"]), bool(s["full"])),
-                    "bn": bn_p, "head": head}
-        return CLState(frozen={"backbone": params}, shared={}, per_task=per_task, state={"bn": bn_s},
-                       extra={"trained": jnp.zeros((T,), bool)})
-
-    def run_backbone(p, x, train):
-        return module.apply({"params": p}, x, train=train)
-
-    def forward(cl, x, t, train):
-        """Task ``t``'s logits ``[B, C]`` (t a scalar) and its updated BatchNorm statistics."""
-        pt = cl.per_task
-        fn = reprogram.task_batchnorm(reprogram.reprogrammed(run_backbone, pt["reprogram"], t),
-                                      pt["bn"], cl.state["bn"], t)
-        f, new_stats = fn(cl.frozen["backbone"], x, train)
-        logits = f @ pt["head"]["kernel"][t] + pt["head"]["bias"][t]
-        return jnp.where(out_mask[t], logits, classifier.NEG), new_stats
-
-    def loss(cl, batch, key, t):
-        logits, new_stats = forward(cl, batch["x"], t, True)
-        ce = classifier.cross_entropy(logits, batch["y"])
-        bn = jax.tree.map(lambda a, r: a.at[t].set(r), cl.state["bn"], new_stats) if new_stats else cl.state["bn"]
-        return ce, ({**cl.state, "bn": bn}, {"loss": ce, "ce": ce})
-
-    def predict(cl, x, tid):
-        if tid is None:
-            raise ValueError("method 'clr' needs task ids (TIL)")
-        check_trained(cl, tid)
-        return by_task(lambda t: forward(cl, x, t, False)[0], tid, T)
-
-    def end_task(cl, data: TaskData):
-        return mark_trained(cl, data.t)
-
-    def task_bytes(cl, t):
-        return P.nbytes(P.task_row(cl.state["bn"], t))  # the task's BatchNorm statistics
-
-    def report(cl):
-        return {"pretrain": pre_report}
-
-    return Method("clr", init, loss, predict, end_task=end_task, task_bytes=task_bytes, report=report)
+    return chain(reprogram.model(ctx, params, stats, k, full, name="clr"), reprogram.statistics(),
+                 frozen.trained(ctx.num_tasks), frozen.pretrained(pre_report), name="clr")

@@ -1,17 +1,16 @@
-"""Pieces the frozen-backbone methods (CLR, Soft-TF) share: the frozen backbone's source, the record of
-trained tasks, per-sample task dispatch and the checked public ``predict``."""
+"""Settings the frozen-backbone methods (CLR, Soft-TF) share: where the frozen backbone comes from, and the
+checked public ``predict``. Their shared mechanisms (per-sample task dispatch, the record of trained tasks,
+the pretrained backbone's report) are in :mod:`clax.transforms.frozen`."""
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from clax.methods.base import Context, Method
 from clax.partition import CLState
 from clax.pretrain import pretrained_backbone
 from clax.settings import NON_NEGATIVE_INT, POSITIVE_INT
+from clax.transforms.frozen import by_task, check_trained, mark_trained  # noqa: F401 (re-exported)
 
 #: settings every frozen-backbone method has (see :func:`clax.pretrain.pretrained_backbone`): ``pretrained``
 #: is ``"auto"`` (the checkpoint of ``backbone.pretrained=PATH`` frozen as loaded, else glyph pretraining),
@@ -28,24 +27,6 @@ def frozen_backbone(ctx: Context, s: dict, method: str):
                                s["pretrain_dir"], setting=f"{method}.pretrained")
 
 
-def mark_trained(cl: CLState, t: int) -> CLState:
-    """``cl`` with task ``t`` recorded as trained in ``extra["trained"]`` (``[T]`` bool)."""
-    return cl.replace(extra={**cl.extra, "trained": cl.extra["trained"].at[t].set(True)})
-
-
-def check_trained(cl: CLState, tid) -> None:
-    """Raises ValueError naming a task id in ``tid`` that has not been trained (host-side values only;
-    under ``jit`` it does nothing, see :func:`checked_predict`)."""
-    trained = cl.extra.get("trained")
-    if tid is None or trained is None or isinstance(tid, jax.core.Tracer) or isinstance(trained, jax.core.Tracer):
-        return
-    done = np.asarray(trained)
-    for i in np.unique(np.asarray(tid)).tolist():
-        if not 0 <= i < len(done) or not done[i]:
-            names = ", ".join(map(str, np.flatnonzero(done).tolist())) or "none yet"
-            raise ValueError(f"task id {i} has not been trained (trained task ids: {names})")
-
-
 def checked_predict(method: Method, cl: CLState, x, tid=None) -> jax.Array:
     """``method.predict`` compiled, after a host-side check that every id in ``tid`` has been trained.
 
@@ -55,19 +36,3 @@ def checked_predict(method: Method, cl: CLState, x, tid=None) -> jax.Array:
     check_trained(cl, tid)
     # jax.jit caches compilations per wrapped function, so re-wrapping here does not recompile
     return jax.jit(method.predict)(cl, x, None if tid is None else jnp.asarray(tid, jnp.int32))
-
-
-def by_task(fn: Callable[[jax.Array], jax.Array], tid, num_tasks: int) -> jax.Array:
-    """``fn(t) -> [B, ...]`` evaluated with sample ``b`` under task ``tid[b]``.
-
-    ``tid`` is a scalar (one call) or ``[B]``: where every sample has the same id (the usual case) one
-    call runs; otherwise ``fn`` runs for every task and each sample takes its own task's row.
-    """
-    if jnp.ndim(tid) == 0:
-        return fn(tid)
-
-    def mixed():
-        outs = jax.lax.map(fn, jnp.arange(num_tasks))  # [T, B, ...]
-        return outs[tid, jnp.arange(tid.shape[0])]
-
-    return jax.lax.cond(jnp.all(tid == tid[0]), lambda: fn(tid[0]), mixed)

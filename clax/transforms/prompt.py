@@ -13,6 +13,10 @@ prepended to that block's attention keys and values (not to the queries, not to 
 Prompts and keys start uniform in ``[-1, 1]`` (DualPrompt's ``uniform`` initialiser). Where a block is
 in both ``g_layers`` and ``e_layers`` its prefix is the G-prompt followed by the E-prompt (length
 ``2L``). Layer indices may be negative, counting from the last block (:func:`resolve_layers`).
+
+The prompts are parameters of the model (Soft-TF's, :func:`clax.transforms.soft_mask.model`);
+:func:`dualprompt` is the transform of their training (the pull constraint, the E-prompt carried to the
+next task, G-prompts frozen after the first task) and :func:`rule` the key-matching task inference.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+
+from clax.compose import Transform
 
 
 def resolve_layers(name: str, layers: Sequence[int], depth: int) -> tuple[int, ...]:
@@ -96,3 +102,69 @@ def key_loss(query: jax.Array, key_t: jax.Array) -> jax.Array:
     """DualPrompt's pull constraint as a loss: the mean over the batch of ``1 - cos(query_b, key_t)``
     for queries ``[B, dim]`` and one task's key ``[dim]`` (a scalar)."""
     return jnp.mean(1.0 - cosine(query, key_t[None])[:, 0])
+
+
+def check_settings(s: dict, method: str = "soft_tf") -> None:
+    """Raises ValueError naming a bad prompt setting of ``method`` (those that need no backbone)."""
+    if s["task_inference"] == "prompt" and not s["prompts"]:
+        raise ValueError(f"{method}.task_inference='prompt' (key matching) needs {method}.prompts=true")
+    if not s["prompts"]:
+        return
+    if int(s["prompt_length"]) < 1:
+        raise ValueError(f"{method}.prompt_length must be >= 1, got {s['prompt_length']}")
+    if not s["e_prompt_layers"]:
+        raise ValueError(f"{method}.e_prompt_layers must name at least one block (the E-prompts carry the task keys)")
+    if s["g_prompt_tasks"] not in ("first", "all"):
+        raise ValueError(f"{method}.g_prompt_tasks must be one of first, all, got {s['g_prompt_tasks']!r}")
+    if not float(s["key_loss_weight"]) >= 0.0:
+        raise ValueError(f"{method}.key_loss_weight must be >= 0, got {s['key_loss_weight']}")
+
+
+def layers(s: dict, depth: int, method: str = "soft_tf") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(g_layers, e_layers)`` of settings ``s`` resolved for a ViT of ``depth`` blocks.
+
+    Raises:
+      ValueError: no ViT blocks, or a layer outside them or repeated (naming the setting).
+    """
+    if depth == 0:
+        raise ValueError(f"{method}.prompts needs a ViT backbone (parameters blocks_0, blocks_1, ...)")
+    return (resolve_layers(f"{method}.g_prompt_layers", s["g_prompt_layers"], depth),
+            resolve_layers(f"{method}.e_prompt_layers", s["e_prompt_layers"], depth))
+
+
+def rule(query, trained: str = "trained"):
+    """DualPrompt's key matching as a task-inference rule ``(cl, x) -> [B]``: per sample, the trained task
+    (``cl.extra[trained]``) whose key ``per_task["e_key"]`` is most cosine-similar to ``query(cl, x)``."""
+    return lambda cl, x: match(query(cl, x), cl.per_task["e_key"], cl.extra[trained])
+
+
+def dualprompt(query, key_loss_weight: float, g_layers, e_layers, length: int, g_prompt_tasks: str = "first",
+               name: str = "prompts") -> Transform:
+    """The training of DualPrompt's prompts (held by the model: ``shared["g_prompt"]``,
+    ``per_task["e_prompt"]``, ``per_task["e_key"]``).
+
+    * term ``key_loss``: :func:`key_loss` of the current batch's queries ``query(cl, x)`` (the frozen
+      backbone's CLS feature) and task ``t``'s key, added with weight ``key_loss_weight``;
+    * ``begin_task``: task ``t``'s E-prompt starts as a copy of task ``t - 1``'s (its key does not);
+    * with ``g_prompt_tasks="first"`` and G-prompts, ``shared`` is updated in the first task only;
+    * reports ``prompts``: the length, the resolved layers and ``g_prompt_tasks``.
+    """
+    def loss(cl, view, batch, key, t):
+        pull = key_loss(query(cl, batch["x"]), cl.per_task["e_key"][t])
+        return key_loss_weight * pull, {"key_loss": pull}
+
+    def begin_task(cl, data):
+        if data.t == 0:
+            return cl
+        e = cl.per_task["e_prompt"]  # the new task's E-prompt starts from the previous task's
+        return cl.replace(per_task={**cl.per_task, "e_prompt": e.at[data.t].set(e[data.t - 1])})
+
+    def update_mask(cl, t):
+        """``shared`` (the G-prompts) moves in the first task only; every per-task row moves freely."""
+        return {"shared": jax.tree.map(lambda a: jnp.broadcast_to(t == 0, a.shape), cl.shared),
+                "task": jax.tree.map(lambda a: jnp.ones(a.shape[1:], bool), cl.per_task)}
+
+    report = {"prompts": {"length": int(length), "g_layers": list(g_layers), "e_layers": list(e_layers),
+                          "g_prompt_tasks": g_prompt_tasks}}
+    return Transform(name, loss=loss, begin_task=begin_task, report=lambda cl: report,
+                     update_mask=update_mask if g_layers and g_prompt_tasks == "first" else None)

@@ -16,6 +16,10 @@ without editing it.
 
 Per-task leaves carry a leading task axis ``[T, ...]``. A task id is either a scalar (the whole batch
 belongs to one task: the fast path) or ``[B]`` (one per sample).
+
+:func:`model` is CLR's network as a :class:`clax.compose.Model` (the frozen backbone, both wrappers and
+per-task heads); :func:`statistics` is the transform that counts each task's BatchNorm statistics as
+stored bytes.
 """
 from __future__ import annotations
 
@@ -25,6 +29,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
+
+from clax import partition as P
+from clax.compose import Model, Transform
+from clax.partition import CLState
+from clax.transforms import classifier
+from clax.transforms.frozen import by_task, train_rows
 
 PyTree = Any
 
@@ -202,3 +212,53 @@ def task_batchnorm(apply: Callable, bn_params: dict, bn_stats: dict, tid) -> Cal
         return out, dict(new_stats)
 
     return wrapped
+
+
+def model(ctx, params: PyTree, stats: PyTree, kernel_size: int = 3, full: bool = False, name: str = "clr"):
+    """CLR's network (:class:`clax.compose.Model`, TIL only): the frozen backbone ``params`` / ``stats``
+    (``frozen["backbone"]``) under task ``t``'s :func:`reprogrammed` kernels and :func:`task_batchnorm`,
+    then task ``t``'s linear head, outputs beyond the task's classes masked to -1e9.
+
+    State: ``per_task`` = ``reprogram {path: [T, k, k, C]}``, ``bn {path: {scale, bias: [T, C]}}`` (from
+    the backbone's own), ``head {kernel [T, D, C], bias [T, C]}``; ``state["bn"] {path: {mean, var: [T, C]}}``.
+    A training batch's BatchNorm statistics are the whole batch's; rows of other tasks (rehearsal) are
+    scored under their own task in evaluation mode (:func:`clax.transforms.frozen.train_rows`).
+    """
+    T, module, out_mask = ctx.num_tasks, ctx.backbone.module, ctx.output_mask()
+
+    def init_state(key):
+        bn_p, bn_s = init_batchnorm(params, stats, T)
+        head = jax.vmap(lambda k: classifier.init_head(k, ctx.backbone.feature_dim, ctx.num_outputs))(
+            jax.random.split(key, T))
+        per_task = {"reprogram": init(params, T, kernel_size, full), "bn": bn_p, "head": head}
+        return CLState(frozen={"backbone": params}, shared={}, per_task=per_task, state={"bn": bn_s}, extra={})
+
+    def run_backbone(p, x, train):
+        return module.apply({"params": p}, x, train=train)
+
+    def run(cl, x, t, train):
+        """Task ``t``'s logits ``[B, C]`` (t a scalar) and the state with its updated BatchNorm statistics."""
+        pt = cl.per_task
+        fn = task_batchnorm(reprogrammed(run_backbone, pt["reprogram"], t), pt["bn"], cl.state["bn"], t)
+        f, new_stats = fn(cl.frozen["backbone"], x, train)
+        logits = jnp.where(out_mask[t], f @ pt["head"]["kernel"][t] + pt["head"]["bias"][t], classifier.NEG)
+        bn = jax.tree.map(lambda a, r: a.at[t].set(r), cl.state["bn"], new_stats) if new_stats else cl.state["bn"]
+        return logits, {**cl.state, "bn": bn}
+
+    def forward(cl, x, tid, t, train, key):
+        logits, state = train_rows(run, cl, x, tid, t, T) if train else (by_task(
+            lambda s: run(cl, x, s, False)[0], tid, T), cl.state)
+        return logits, {}, state
+
+    def predict(cl, x, tid):
+        if tid is None:
+            raise ValueError(f"method {name!r} needs task ids (TIL)")
+        return by_task(lambda s: run(cl, x, s, False)[0], tid, T)
+
+    return Model(name, init_state, forward, predict, scenarios=("til",))
+
+
+def statistics(name: str = "task_batchnorm"):
+    """The per-task BatchNorm statistics (``state["bn"]``, not trained, so not in the trainer's per-task
+    row) as stored bytes of each task (a :class:`clax.compose.Transform` with ``task_bytes`` only)."""
+    return Transform(name, task_bytes=lambda cl, t: P.nbytes(P.task_row(cl.state["bn"], t)))

@@ -9,6 +9,10 @@ keys) with a leading task axis ``[T, *W.shape]``.
 Stored precision: :func:`quantize` rounds a mask to the precision it is stored in (``float32``,
 ``float16``, ``bfloat16`` or ``int8`` with a per-tensor affine range) and back, so that a model can be
 evaluated exactly as it is stored; :func:`stored_nbytes` gives the bytes.
+
+Soft-TF's pieces: :func:`model`, the frozen ViT under task ``t``'s masks (and DualPrompt prefixes) with
+per-task heads; :func:`stored`, the transform that replaces each task's mask row by its stored value at
+the task's end and counts its stored bytes; :func:`block_filter`, the masked blocks' filter.
 """
 from __future__ import annotations
 
@@ -18,7 +22,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
+
+from clax import partition as P
+from clax.compose import Model, Transform
+from clax.partition import CLState
+from clax.transforms import binary_mask, classifier, prompt
+from clax.transforms.frozen import by_task, train_rows
 
 PyTree = Any
 PRECISIONS = ("float32", "float16", "bfloat16", "int8")
@@ -94,3 +105,143 @@ def stored_nbytes(shape, precision: str) -> int:
         raise ValueError(f"unknown mask precision {precision!r}; valid: {', '.join(PRECISIONS)}")
     n = int(np.prod(shape))
     return n + 8 if precision == "int8" else n * jnp.dtype(precision).itemsize
+
+
+def vit_depth(params) -> int:
+    """The number of ViT blocks (``blocks_0``, ``blocks_1``, ...) in ``params``."""
+    return sum(1 for k in params if str(k).startswith("blocks_"))
+
+
+def block_filter(params, n: int) -> str:
+    """The regex selecting qkv, proj, fc1 and fc2 kernels of the last ``n`` ViT blocks of ``params``
+    (Soft-TF's ``masked_blocks``)."""
+    depth = vit_depth(params)
+    if depth == 0:
+        raise ValueError("soft_tf.masked_blocks needs a ViT backbone (parameters blocks_0, blocks_1, ...); "
+                         "set soft_tf.mask_filter for other backbones")
+    if not 1 <= n <= depth:
+        raise ValueError(f"soft_tf.masked_blocks must be in 1..{depth} (the backbone's blocks), got {n}")
+    ids = "|".join(str(i) for i in range(depth - n, depth))
+    return rf"^blocks_({ids})/(attn/(qkv|proj)|mlp/(fc1|fc2))/kernel$"
+
+
+def model(ctx, params: PyTree, stats: PyTree, filter: str, binary: bool = False, keep=None,
+          label_smoothing: float = 0.0, prompts=None, name: str = "soft_tf"):
+    """Soft-TF's network: ``(Model, superposed)``.
+
+    The frozen ViT ``params`` (``frozen["backbone"]``, all of it) runs task ``t`` with ``W_t = M_t * W``
+    for the weights ``filter`` selects (:func:`init`; ``binary``: scores ``|W| * U(0.99, 1)`` whose top
+    ``keep`` fraction is kept with a straight-through gradient) and, with ``prompts = (g_layers, e_layers,
+    length)``, DualPrompt prefixes (:mod:`clax.transforms.prompt`: G-prompts ``shared["g_prompt"]``,
+    task ``t``'s E-prompt ``per_task["e_prompt"]`` and key ``per_task["e_key"]``); then task ``t``'s head
+    (``per_task["head"]``), other tasks' outputs masked. ``ce`` is cross-entropy with ``label_smoothing``
+    over the task's classes. A training batch's rows of other tasks (rehearsal) are scored under their own
+    task, without gradient (:func:`clax.transforms.frozen.train_rows`).
+
+    ``superposed(cl, x, alpha) -> [B, K]``: the logits of every task's stored masks, E-prompts and heads
+    superimposed with weights ``alpha [T]`` (SupSup's one-shot task inference).
+    """
+    T, C, dim = ctx.num_tasks, ctx.num_outputs, ctx.backbone.feature_dim
+    out_mask = ctx.output_mask()
+    g_layers, e_layers, length = prompts or ((), (), 0)
+
+    def init_state(key):
+        km, kh = jax.random.split(key)
+        masks = init(km, params, filter, T)
+        if binary:  # scores: |W| * U(0.99, 1), so the first kept set is the largest weights
+            flat = flatten_dict(params)
+            masks = {k: masks[k] * jnp.abs(flat[p]) for k, p in select(params, filter).items()}
+        head = jax.vmap(lambda k: classifier.init_head(k, dim, C))(jax.random.split(kh, T))
+        shared, per_task = {}, {"mask": masks, "head": head}
+        if prompts:
+            pr = prompt.init(jax.random.fold_in(key, 1), T, dim, length, g_layers, e_layers)
+            per_task.update(e_prompt=pr["e"], e_key=pr["key"])
+            if g_layers:
+                shared["g_prompt"] = pr["g"]
+        return CLState(frozen={"backbone": params}, shared=shared, per_task=per_task,
+                       state={"backbone": stats}, extra={})
+
+    def features(cl, masks_row, x, e_row=None):
+        """CLS features ``[B, dim]`` under one task's masks and (with prompts) E-prompts ``e_row``."""
+        kw = {"prompts": prompt.prefixes(cl.shared.get("g_prompt"), e_row, g_layers, e_layers)} if prompts else {}
+        return ctx.backbone.apply(apply(cl.frozen["backbone"], masks_row), cl.state["backbone"], x, False, **kw)[0]
+
+    def run(cl, x, t, train=False):
+        """Task ``t``'s logits ``[B, C]`` (t a scalar), other tasks' outputs masked."""
+        pt = cl.per_task
+        m = row(pt["mask"], t)
+        m = {k: binary_mask.top_fraction_ste(v, keep) for k, v in m.items()} if binary else m
+        f = features(cl, m, x, pt["e_prompt"][t] if prompts else None)
+        logits = f @ pt["head"]["kernel"][t] + pt["head"]["bias"][t]
+        return jnp.where(out_mask[t], logits, classifier.NEG), cl.state
+
+    def forward(cl, x, tid, t, train, key):
+        logits, state = train_rows(run, cl, x, tid, t, T) if train else (predict(cl, x, tid), cl.state)
+        return logits, {}, state
+
+    def predict(cl, x, tid):
+        if tid is None:
+            raise ValueError(f"method {name!r} in TIL needs task ids")
+        return by_task(lambda t: run(cl, x, t)[0], tid, T)
+
+    def ce(logits, y, tid, t):
+        valid = out_mask[tid].astype(jnp.float32)
+        target = (1 - label_smoothing) * jax.nn.one_hot(y, C) + label_smoothing * valid / jnp.sum(
+            valid, -1, keepdims=True)
+        return optax.softmax_cross_entropy(logits, target)
+
+    def superposed(cl, x, alpha):
+        pt = cl.per_task
+        hard = jax.vmap(lambda m: {k: binary_mask.top_fraction(v, keep) for k, v in m.items()})(pt["mask"]) \
+            if binary else pt["mask"]
+        e = jnp.tensordot(alpha, pt["e_prompt"], axes=1) if prompts else None
+        f = features(cl, superimpose(hard, alpha), x, e)
+        cols = out_mask.astype(jnp.float32)                                        # [T, C]
+        w = jnp.einsum("t,tdc,tc->dc", alpha, pt["head"]["kernel"], cols)
+        b = jnp.einsum("t,tc,tc->c", alpha, pt["head"]["bias"], cols)
+        return f @ w + b
+
+    return Model(name, init_state, forward, predict, ce=ce), superposed
+
+
+def stored(precision: str, binary: bool = False, keep=None, predict=None, scenario: str = "til",
+           name: str = "stored_masks") -> Transform:
+    """Soft-TF's stored masks: at the end of task ``t`` its mask row is replaced by what is stored (the
+    mask rounded to ``precision``, or with ``binary`` the hard top-``keep`` mask), so evaluation always
+    uses the stored model; ``task_bytes``: masks at ``precision`` (binary: bit-packed) instead of float32.
+
+    Reports ``masked`` (the masked weights) and, when not ``binary``, ``accuracy_by_mask_precision``: the
+    final accuracy on every task's test set with the masks rounded to each precision, by ``predict(cl, x,
+    tid)`` (``tid`` None in CIL; meaningful on a run with ``precision="float32"``).
+    """
+    def end_task(cl, data):
+        t, masks = data.t, cl.per_task["mask"]
+        r = row(masks, t)
+        keepv = {k: binary_mask.top_fraction(v, keep) for k, v in r.items()} if binary else {
+            k: quantize(v, precision) for k, v in r.items()}
+        return cl.replace(per_task={**cl.per_task, "mask": {k: masks[k].at[t].set(v) for k, v in keepv.items()}})
+
+    def task_bytes(cl, t):
+        # The trainer counts the per-task row at float32; masks are stored at mask_precision
+        # (binary: one bit per weight), so this is the (negative) difference.
+        masks = cl.per_task["mask"]
+        n = sum(binary_mask.packed_nbytes(m.shape[1:]) if binary else stored_nbytes(m.shape[1:], precision)
+                for m in masks.values())
+        return n - P.nbytes(P.task_row(masks, 0))
+
+    def test_report(cl, bench):
+        tasks = [(jnp.asarray(t.x_test), t.targets(t.y_test, scenario),
+                  jnp.full((len(t.y_test),), t.task_id, jnp.int32)) for t in bench.tasks]
+        n = sum(len(y) for _, y, _ in tasks)
+        pred = jax.jit(lambda cl, x, tid: jnp.argmax(predict(cl, x, tid), -1))
+        acc = {}
+        for prec in PRECISIONS:
+            q = cl.replace(per_task={**cl.per_task, "mask": {
+                k: jax.vmap(lambda m: quantize(m, prec))(v) for k, v in cl.per_task["mask"].items()}})
+            acc[prec] = sum(int(jnp.sum(pred(q, x, None if scenario == "cil" else tid) == y))
+                            for x, y, tid in tasks) / n
+        return {"accuracy_by_mask_precision": acc}
+
+    return Transform(name, end_task=end_task, task_bytes=task_bytes,
+                     report=lambda cl: {"masked": sorted(cl.per_task["mask"])},
+                     test_report=None if binary else test_report)
