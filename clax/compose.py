@@ -61,6 +61,10 @@ class Model(NamedTuple):
       scenarios: the scenarios the model supports.
       default: True for the plain classifier every baseline starts from; a method with a model of its
         own (a masked, generated or frozen network) replaces it when methods are joined with ``+``.
+      mixed_tasks: whether ``forward`` scores each row under its own task id (the classifier's per-row
+        heads, the frozen-backbone models' per-row task dispatch). False where one task's network runs
+        for the whole batch (masked sub-networks, hypernetwork-generated networks): a transform that
+        mixes in rows of other tasks (``Transform.mixes_tasks``, rehearsal) is then refused.
       ce: optional ``(logits, y, tid, t) -> [N]``: the per-sample classification loss of the current
         task's rows, in place of softmax cross-entropy (Soft-TF's label smoothing over a task's classes).
     """
@@ -74,6 +78,7 @@ class Model(NamedTuple):
     scenarios: tuple = ("til", "cil")
     default: bool = False
     ce: Optional[Callable] = None
+    mixed_tasks: bool = True
 
 
 class View(NamedTuple):
@@ -129,6 +134,8 @@ class Transform(NamedTuple):
       cumulative: train task ``r`` on tasks ``0..r`` (joint training).
       scenarios: the scenarios the transform supports.
       owns: resources only one transform of a method may hold (e.g. ``("task_inference",)``).
+      mixes_tasks: its ``batch`` hook adds rows of other tasks (rehearsal): the model must score each
+        row under its own task (:attr:`Model.mixed_tasks`).
       step: optional ``(cl, view, batch, key, t) -> state``: the transform's new state from the step's
         forward pass, at the parameters before the optimizer's update (a second optimiser stepped on the
         same forward as the main one: the H-embedding decoder's Adam); stored at ``cl.extra[name]`` once
@@ -155,6 +162,7 @@ class Transform(NamedTuple):
     cumulative: bool = False
     scenarios: tuple = ("til", "cil")
     owns: tuple = ()
+    mixes_tasks: bool = False
     step: Optional[Callable] = None
 
 
@@ -191,6 +199,10 @@ def check_chain(model: Model, transforms: Sequence[Transform], scenario: Optiona
                                  "one of them")
             seen[f"owns:{r}"] = tr.name
         seen[tr.name] = tr.name
+    for tr in transforms:
+        if tr.mixes_tasks and not model.mixed_tasks:
+            raise ValueError(f"{tr.name} mixes stored samples of other tasks into each batch, but {model.name} "
+                             "runs one task's network for the whole batch; the two cannot be joined")
     if scenario is not None:
         for part, scen in [(model.name, model.scenarios)] + [(tr.name, tr.scenarios) for tr in transforms]:
             if scenario not in scen:

@@ -43,7 +43,7 @@ def _leaves(tree) -> list[tuple[str, np.ndarray]]:
 
 def is_mask(path: str, a: np.ndarray) -> bool:
     """A mask by name: a path containing ``mask``, a ``uint8`` leaf named ``packed`` (bit-packed masks,
-    as WSN stores them), or a boolean array of rank >= 2 (e.g. ``consolidated`` weights)."""
+    as WSN stores them), or a boolean array of rank >= 2 (e.g. the ``consolidation`` union)."""
     leaf = path.rsplit("/", 1)[-1].lower()
     return "mask" in path.lower() or (leaf == "packed" and a.dtype == np.uint8) or (
         a.dtype == bool and a.ndim >= 2)
@@ -51,7 +51,7 @@ def is_mask(path: str, a: np.ndarray) -> bool:
 
 def is_task_embedding(leaf: str) -> bool:
     """A task embedding by its leaf name: ``emb``, ``*_emb``, ``*_embs`` or containing ``task_emb``
-    (``hnet``/``hembed``: ``per_task/emb``, ``extra/h_emb``); chunk embeddings are not."""
+    (``hnet``/``hembed``: ``per_task/emb``, ``extra/h_embedding/h_emb``); chunk embeddings are not."""
     leaf = leaf.lower()
     return "chunk" not in leaf and (leaf in ("emb", "embs") or leaf.endswith(("_emb", "_embs"))
                                     or "task_emb" in leaf)

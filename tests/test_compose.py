@@ -170,6 +170,8 @@ def test_replay_plus_lwf_in_cil_learns_every_task():
     ("wsn+replay", "cil", ["wsn", "til", "cil"]),
     ("hnet+pah", "til", ["hnet", "pah", "both own"]),
     ("replay+replay", "til", ["twice"]),
+    ("wsn+replay", "til", ["replay mixes stored samples", "wsn runs one task's network"]),
+    ("hnet+derpp", "til", ["derpp mixes stored samples", "hnet runs one task's network"]),
     ("replay+nosuch", "til", ["nosuch", "valid"]),
 ])
 def test_impossible_combinations_are_refused_naming_the_parts(name, scenario, words):

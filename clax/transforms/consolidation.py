@@ -190,7 +190,7 @@ def model(ctx: Context, mask: Mask, layers: str = DEFAULT_LAYERS, bn: str = "ref
         h = cl.per_task["head"]
         return jnp.einsum("bd,tdc->btc", aux["features"], h["kernel"]) + h["bias"][None]
 
-    return Model(name, init_, forward_, predict, outputs, scenarios=("til",))
+    return Model(name, init_, forward_, predict, outputs, scenarios=("til",), mixed_tasks=False)
 
 
 def refresh_task(cl: CLState, ctx: Context, refresh, w_eff: PyTree, t: int, x, batch_size: int) -> CLState:

@@ -126,4 +126,5 @@ def model(ctx: Context, s: dict, target: Target, name: str = "hnet"):
         glob = jnp.einsum("bc,bck->bk", local, place)
         return jnp.where(place.sum(1) > 0, glob, NEG)
 
-    return Model(name, init, forward, predict, targets=targets if ctx.scenario == "cil" else None)
+    return Model(name, init, forward, predict, targets=targets if ctx.scenario == "cil" else None,
+                 mixed_tasks=False)

@@ -62,15 +62,15 @@ def replay(size: int, input_shape, weight: float = 1.0, name: str = "replay") ->
     def loss(cl, view, b, key, t):
         logits, _, rows = view.part(name)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, rows["y"]).mean()
-        term = jnp.where(state(cl, name)["seen"] > 0, ce, 0.0)
-        return (term if weight == 1.0 else weight * term), {name: ce}
+        term = jnp.where(state(cl, name)["seen"] > 0, ce, 0.0)  # 0 (and logged as 0) while the memory is empty
+        return (term if weight == 1.0 else weight * term), {name: term}
 
     def end_task(cl, data: TaskData):
         rows = {"x": data.x, "y": data.y, "tid": np.full(len(data.y), data.t)}
         return with_state(cl, name, reservoir_update(state(cl, name), rows, host_rng(data.key)))
 
     return Transform(name, init=lambda key, cl: empty_buffer(size, input_shape), batch=batch, loss=loss,
-                     end_task=end_task)
+                     end_task=end_task, mixes_tasks=True)
 
 
 def task_logits(model, cl, x, t: int, batch_size: int) -> np.ndarray:
@@ -110,7 +110,8 @@ def derpp(size: int, input_shape, num_outputs: int, alpha: float = 0.2, beta: fl
         mse = jnp.mean(jnp.sum(jnp.where(valid, (logits[:n] - rows["logits"][:n]) ** 2, 0.0), -1) / num_outputs)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits[n:], rows["y"][n:]).mean()
         on = state(cl, name)["seen"] > 0
-        return jnp.where(on, alpha * mse + beta * ce, 0.0), {"der": mse, "der_ce": ce}
+        mse, ce = jnp.where(on, mse, 0.0), jnp.where(on, ce, 0.0)  # 0 (and logged as 0) while the memory is empty
+        return alpha * mse + beta * ce, {"der": mse, "der_ce": ce}
 
     def end_task(cl, data):
         logits = task_logits(data.model, cl, data.x, data.t, data.batch_size)
@@ -118,4 +119,4 @@ def derpp(size: int, input_shape, num_outputs: int, alpha: float = 0.2, beta: fl
         return with_state(cl, name, reservoir_update(state(cl, name), rows, host_rng(data.key)))
 
     return Transform(name, init=lambda key, cl: empty_buffer(size, input_shape, num_outputs), batch=batch,
-                     loss=loss, end_task=end_task)
+                     loss=loss, end_task=end_task, mixes_tasks=True)
