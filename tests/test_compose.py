@@ -187,3 +187,25 @@ def test_two_transforms_owning_one_resource_are_refused():
     b = Transform("b", owns=("task_inference",))
     with pytest.raises(ValueError, match="a and b both own the task inference"):
         chain(classifier.model(ctx), a, b)
+
+
+def test_every_registered_method_is_a_chain_with_its_state_under_its_parts_names():
+    """Every method of the registry (and the joins the issue names) is a chain: a model and transforms,
+    and every entry of ``cl.extra`` belongs to one of its transforms (shapes only: nothing compiles)."""
+    from clax.config import default_config
+    from clax.methods import METHODS
+    from clax.runner import build
+
+    names = [(n, sc) for n, spec in METHODS.items() for sc in spec.scenarios]
+    names += [("replay+lwf", "cil"), ("ewc+hnet", "til"), ("soft_tf+replay", "cil")]
+    for name, scenario in names:
+        cfg = default_config(name)
+        cfg["scenario"] = scenario
+        for part in name.split("+"):
+            if "pretrained" in cfg[part]:
+                cfg[part]["pretrained"] = "none"
+        _, ctx, m = build(cfg)
+        assert m.model is not None, name
+        cl = jax.eval_shape(m.init, jax.random.PRNGKey(0))
+        own = {tr.name for tr in m.transforms}
+        assert set(cl.extra) <= own, (name, sorted(cl.extra), sorted(own))
