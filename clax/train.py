@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from clax import mesh as M
 from clax import partition as P
 from clax.data import Benchmark, check_scenario, eval_batches, train_batches
 from clax.methods.base import Context, Method, TaskData
@@ -386,19 +387,32 @@ class Steps:
             pred = jnp.argmax(method.predict(cl, batch["x"], tid), axis=-1)
             return jnp.sum((pred == batch["y"]) * batch["w"])
 
-        self.train_step = jax.jit(train_step)
+        self._step_fn = train_step
+        self._train = jax.jit(train_step)
+        self.train_step = lambda ts, batch, t: self._train(ts, batch, t)
         self.eval_step = jax.jit(eval_step)
+
+    def shard(self, state_shardings) -> None:
+        """Compiles the train step to return the state laid out as ``state_shardings`` (a
+        :class:`TrainState` of shardings, :func:`clax.mesh.state_sharding`), so that the state keeps its
+        layout from step to step and the step compiles once."""
+        key = (jax.tree.structure(state_shardings), tuple(jax.tree.leaves(state_shardings)))
+        if getattr(self, "_layout", None) != key:  # the same layout again (another run): keep the compiled step
+            self._layout = key
+            self._train = jax.jit(self._step_fn, out_shardings=(state_shardings, None))
 
     @property
     def compiles(self) -> int:
         return sum(self.traces.values())
 
 
-def evaluate(steps: Steps, cl: CLState, bench: Benchmark, scenario: str, c: int, batch_size: int) -> float:
-    """Test accuracy of ``cl`` on task ``c``."""
+def evaluate(steps: Steps, cl: CLState, bench: Benchmark, scenario: str, c: int, batch_size: int,
+             mesh=None) -> float:
+    """Test accuracy of ``cl`` on task ``c`` (batches split along the mesh's data axis where given)."""
     task = bench.tasks[c]
     y = task.targets(task.y_test, scenario)
-    correct = sum(steps.eval_step(cl, b, jnp.int32(c)) for b in eval_batches(task.x_test, y, batch_size))
+    put = (lambda b: M.put_batch(b, mesh)) if mesh is not None else (lambda b: b)
+    correct = sum(steps.eval_step(cl, put(b), jnp.int32(c)) for b in eval_batches(task.x_test, y, batch_size))
     return float(correct) / len(y)
 
 
@@ -474,10 +488,13 @@ def fit(
     progress: bool = True,
     on_task_end: Optional[Callable[[int, TrainState, np.ndarray], None]] = None,
     log: Optional[Callable[[dict], None]] = None,
+    on_epoch_end: Optional[Callable[[int, int, TrainState], None]] = None,
     resume: Optional[tuple[TrainState, Progress]] = None,
     checkpoint: Optional[Callable[[TrainState, Progress], None]] = None,
     checkpoint_every: int = 0,
     optimizer: Optional[optax.GradientTransformation] = None,
+    mesh=None,
+    shard_min_size: int = M.MESH_DEFAULTS["shard_min_size"],
 ) -> dict:
     """Trains ``method`` through every task of ``bench`` and evaluates after each.
 
@@ -495,6 +512,8 @@ def fit(
         user's ``optimizer``, which schedules its own), ``grad_norm`` (the epoch's mean global norm of the
         gradient the optimizer receives, after the method's update mask, before clipping; see
         :class:`Steps`) and ``seconds`` (since the task's training started).
+      on_epoch_end: called as ``(task, epoch, train_state)`` after each epoch's ``log`` row and before a
+        checkpoint on the epoch's last step; it must not change the run (it sees the state, returns nothing).
       resume: ``(train_state, progress)`` of a checkpoint: training continues from there and ends as
         an uninterrupted run would (the data order is a function of seed, task and epoch only).
       checkpoint: called as ``(train_state, progress)`` after each task is evaluated and, when
@@ -509,6 +528,10 @@ def fit(
         is re-initialised at every task like the built one's; the per-partition rates
         (:attr:`TrainConfig.lr_scales` and the method's own) are chained after it
         (:func:`make_optimizer`). To resume, restore the checkpoint against the same optimizer.
+      mesh: the :class:`jax.sharding.Mesh` to train on (:mod:`clax.mesh`); default every device as the
+        ``data`` axis. Each batch is split along ``data`` (``cfg.batch_size`` and ``cfg.eval_batch_size``
+        must be multiples of it), the state replicated, leaves of at least ``shard_min_size`` values
+        split over ``model`` when it is larger than 1. The data order does not depend on the mesh.
 
     Returns:
       A dict with ``accuracy_matrix`` (T x T, NaN where not evaluated), ``init_accuracy``, the metrics
@@ -518,14 +541,25 @@ def fit(
     from tqdm.auto import tqdm
 
     scenario, T = ctx.scenario, bench.num_tasks
+    mesh = M.make_mesh() if mesh is None else mesh
+    M.check_batch(mesh, cfg.batch_size)
+    M.check_batch(mesh, cfg.eval_batch_size, "train.eval_batch_size")
     tx = make_optimizer(cfg, method, optimizer)
     steps = Steps(method, tx, scenario)
+    layout: list = []  # the TrainState's shardings, made once from its first value
+
+    def place(ts: TrainState) -> TrainState:
+        """``ts`` on the mesh (after init, resume and every host-side hook)."""
+        if not layout:
+            layout.append(M.state_sharding(ts, mesh, shard_min_size))
+            steps.shard(layout[0])
+        return M.place(ts, layout[0])
     key = jax.random.PRNGKey(cfg.seed)
     key, k_init = jax.random.split(key)
     if resume is None:
         cl = method.init(k_init)
         P.check(cl, T)
-        ts = TrainState(cl, tx.init(trainable(cl, 0)), key, jnp.zeros((), jnp.int32))
+        ts = place(TrainState(cl, tx.init(trainable(cl, 0)), key, jnp.zeros((), jnp.int32)))
     else:  # the resumed state replaces the initial one: not computed
         P.check(resume[0].cl, T)
     backbone_count = P.count(ctx.backbone.init(jax.random.PRNGKey(0))[0])
@@ -533,11 +567,12 @@ def fit(
     A = np.full((T, T), np.nan)
     b = None
     if resume is None and method.evaluates_unseen:
-        b = np.array([evaluate(steps, ts.cl, bench, scenario, c, cfg.eval_batch_size) for c in range(T)])
+        b = np.array([evaluate(steps, ts.cl, bench, scenario, c, cfg.eval_batch_size, mesh) for c in range(T)])
     train_s, n_steps, compiles_after_task = 0.0, 0, []
     start, skip = 0, 0
     if resume is not None:
         ts, pr = resume
+        ts = place(ts)
         A, b, start, skip = np.array(pr.accuracy_matrix, np.float64), pr.init_accuracy, pr.tasks_done, pr.task_step
         train_s, n_steps = pr.train_s, pr.steps - len(pr.epoch_metrics.get("loss", []))
         compiles_after_task = list(pr.compiles_after_task)
@@ -551,7 +586,7 @@ def fit(
         else:
             key, k_begin, k_end = jax.random.split(ts.key, 3)
             cl = method.begin_task(ts.cl, TaskData(r, x, y, k_begin, cfg.batch_size))
-            ts = TrainState(cl, tx.init(trainable(cl, t)), key, ts.step)
+            ts = place(TrainState(cl, tx.init(trainable(cl, t)), key, ts.step))
         if method.train_filter is not None:  # e.g. PAH: drop the images its prototypes came from
             keep = np.asarray(method.train_filter(TaskData(r, x, y, k_end, cfg.batch_size)))
             x, y, tid = (x[keep] if isinstance(x, np.ndarray) else x.take(keep)), y[keep], tid[keep]
@@ -565,7 +600,7 @@ def fit(
         t0 = time.perf_counter()
         for epoch in range(done // per_epoch, cfg.epochs):
             if cfg.lr_schedule != "constant":
-                ts = ts.replace(opt_state=set_lr(ts.opt_state, lr_at(cfg, epoch)))
+                ts = place(ts.replace(opt_state=set_lr(ts.opt_state, lr_at(cfg, epoch))))
             # The data order depends on (seed, task, epoch) only, so a resumed run sees the same batches.
             rng = np.random.default_rng([cfg.seed, r, epoch])
             acc = ({k: [jnp.float32(v) for v in vs] for k, vs in resume[1].epoch_metrics.items()}
@@ -576,7 +611,7 @@ def fit(
                 s = epoch * per_epoch + i + 1  # steps of the task after this one
                 if s <= done:
                     continue
-                ts, m = steps.train_step(ts, batch, t)
+                ts, m = steps.train_step(ts, M.put_batch(batch, mesh), t)
                 _append(acc, m)
                 bar.update(1)
                 # A checkpoint on the epoch's last step waits for the epoch's end (below), so that it holds
@@ -595,7 +630,7 @@ def fit(
                 _check_finite(ts, t, losses, r, epoch, per_epoch)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if method.end_epoch is not None:
-                ts = ts.replace(cl=method.end_epoch(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size), epoch))
+                ts = place(ts.replace(cl=method.end_epoch(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size), epoch)))
             grad_norm = means.pop("grad_norm", None)
             row = {"task": r, "epoch": epoch, "loss": mean_loss, **dict(sorted(means.items())),
                    **({"lr": lr_at(cfg, epoch)} if optimizer is None else {}),  # a user's: its own schedule
@@ -603,18 +638,20 @@ def fit(
             history.append(row)
             if log:
                 log(dict(row))
+            if on_epoch_end:  # after the row, before an epoch-end checkpoint (clax.tracking's hook)
+                on_epoch_end(r, epoch, ts)
             s = (epoch + 1) * per_epoch
             if due(s):  # the epoch's last step, its epoch finished: the next epoch starts from here
                 _check_finite(ts, t, [], r, epoch + 1, per_epoch)
                 checkpoint(ts, Progress(r, s, A.copy(), b, train_s + time.perf_counter() - t0, n_steps,
                                         list(compiles_after_task), k_end, {}))
         bar.close()
-        ts = ts.replace(cl=method.end_task(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size)))
+        ts = place(ts.replace(cl=method.end_task(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size))))
         jax.block_until_ready(ts)
         train_s += time.perf_counter() - t0
         last = r + 1 if (method.evaluates_unseen and r + 1 < T) else r
         for c in range(last + 1):
-            A[r, c] = evaluate(steps, ts.cl, bench, scenario, c, cfg.eval_batch_size)
+            A[r, c] = evaluate(steps, ts.cl, bench, scenario, c, cfg.eval_batch_size, mesh)
         compiles_after_task.append(steps.compiles)
         if on_task_end:
             on_task_end(r, ts, A)
@@ -631,6 +668,7 @@ def fit(
                 "compiles_after_task": compiles_after_task},
         history=history,
         state=ts,
+        devices={**M.describe(mesh), "bytes_per_device": max(M.bytes_per_device(ts).values(), default=0)},
         report={**(method.report(ts.cl) if method.report else {}),
                 **(method.test_report(ts.cl, bench) if method.test_report else {})},
     )
