@@ -180,6 +180,10 @@ def main(argv=None) -> int:
     from clax.inspect import add_commands
 
     add_commands(sub)
+    # clax plot WORKDIR [WORKDIR ...] [--out DIR]: figures of finished workdirs (clax/plot.py)
+    from clax.plot import add_command as add_plot_command
+
+    add_plot_command(sub)
     sub.add_parser("list", help="methods, benchmarks and backbones")
     args = p.parse_args(argv)
     if args.cmd is None:

@@ -1,0 +1,63 @@
+"""JAX's persistent compilation cache for ``clax run``: compiled steps are kept on disk and reused by the
+next process that compiles the same program (same shapes, same code, same JAX and device), so a rerun,
+a resumed run or the main job run again skips most of its compilation.
+
+The cache lives in the user cache directory, ``$XDG_CACHE_HOME/clax/xla`` (``~/.cache/clax/xla`` when
+``XDG_CACHE_HOME`` is unset), or in ``$CLAX_XLA_CACHE`` when that is set. :func:`clax.runner.run` turns it
+on unless the config says ``cache.xla=false`` (``clax run --set cache.xla=false``); it is safe to
+delete the folder at any time. A cache directory already configured for JAX (``JAX_COMPILATION_CACHE_DIR``,
+``jax.config.update("jax_compilation_cache_dir", ...)``, as the test suite does) is left as it is, and
+``cache.xla=false`` then does not turn it off: clax only declines to set up its own.
+
+Only compilations that take at least ``jax_persistent_cache_min_compile_time_secs`` are stored; clax
+lowers JAX's default of 1 s to :data:`MIN_COMPILE_S` (where the user has not changed it), since most of
+clax's steps compile in well under a second on a CPU and together make up most of a short run's time.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+#: the compile time (seconds) from which a compilation is stored, where JAX's setting is at its default
+MIN_COMPILE_S = 0.1
+_JAX_DEFAULT_MIN_COMPILE_S = 1.0
+
+
+def cache_dir() -> str:
+    """Where clax keeps compiled programs: ``$CLAX_XLA_CACHE``, else ``$XDG_CACHE_HOME/clax/xla``, else
+    ``~/.cache/clax/xla``."""
+    if os.environ.get("CLAX_XLA_CACHE"):
+        return os.path.abspath(os.path.expanduser(os.environ["CLAX_XLA_CACHE"]))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.path.abspath(base), "clax", "xla")
+
+
+def enable(path: Optional[str] = None) -> Optional[str]:
+    """Turns on JAX's persistent compilation cache in ``path`` (default :func:`cache_dir`) and returns
+    the directory in use; a directory already configured for JAX is kept and returned instead. Returns
+    None, and changes nothing, when the folder cannot be made or written (the run goes on uncached).
+    Takes effect for compilations after the call (call it before the first one, as the runner does)."""
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    path = path or cache_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(path, os.W_OK | os.X_OK):
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    if jax.config.jax_persistent_cache_min_compile_time_secs == _JAX_DEFAULT_MIN_COMPILE_S:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_S)
+    return path
+
+
+def from_config(cfg: dict) -> Optional[str]:
+    """:func:`enable` unless ``cfg``'s ``cache.xla`` is false (a config without a ``cache`` section, one
+    written by an older clax, counts as true). Returns the directory in use, or None."""
+    if not cfg.get("cache", {}).get("xla", True):
+        return None
+    return enable()
