@@ -18,7 +18,7 @@ from typing import Any, Iterable
 from clax.data import BENCHMARKS, SCENARIOS
 from clax.methods import METHODS, check_method_settings, check_scenario_of, method_settings, parts, spec_of
 from clax.models import BACKBONES, check_backbone_settings
-from clax.settings import NON_NEGATIVE_INT, POSITIVE_INT, check_value
+from clax.settings import NON_NEGATIVE_INT, POSITIVE_INT, check_settings, check_value
 from clax.train import TrainConfig
 
 
@@ -61,6 +61,7 @@ def default_config(method: str = "finetune", benchmark: str = "split-digits") ->
         "backbone": {"name": bb, **copy.deepcopy(BACKBONES[bb][1]), **copy.deepcopy(spec.backbone_settings)},
         **({method: copy.deepcopy(spec.defaults)} if "+" not in method else copy.deepcopy(spec.defaults)),
         "checkpoint": {"every_steps": 0, "keep": 2},
+        **copy.deepcopy(RECORD_DEFAULTS),
     }
 
 
@@ -147,6 +148,30 @@ def train_config(cfg: dict) -> TrainConfig:
 #: the ``checkpoint`` section: ``every_steps`` (0: only at task ends) and ``keep`` (in-task checkpoints kept)
 CHECKPOINT_RULES = {"every_steps": NON_NEGATIVE_INT, "keep": POSITIVE_INT}
 
+#: sections that change what a run records or how fast it starts, never its results (so a resume does not
+#: compare them, :func:`clax.tracking.run_identity`): ``log.tensorboard`` (event files in ``<workdir>/tb``),
+#: ``log.wandb`` (a Weights & Biases project; "" = off), ``eval.every_epoch`` (test accuracy of the seen
+#: tasks after every epoch, logged to TensorBoard), ``cache.xla`` (JAX's persistent compilation cache in
+#: the user cache directory, :mod:`clax.cache`)
+RECORD_DEFAULTS = {"log": {"tensorboard": True, "wandb": ""}, "eval": {"every_epoch": False},
+                   "cache": {"xla": True}}
+
+
+def _check_record_sections(cfg: dict) -> None:
+    """Checks the sections of :data:`RECORD_DEFAULTS` where ``cfg`` has them (older configs lack them),
+    and that Weights & Biases is installed where ``log.wandb`` names a project."""
+    import importlib.util
+
+    for name, defaults in RECORD_DEFAULTS.items():
+        if name in cfg:
+            if not isinstance(cfg[name], dict):
+                raise ConfigError(f"{name} must be a section of settings ({', '.join(defaults)}), got {cfg[name]!r}")
+            check_settings(name, defaults, cfg[name])
+    project = cfg.get("log", {}).get("wandb", "")
+    if project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"log.wandb={project} needs Weights & Biases, which is not installed: pip install wandb "
+                          f"(or leave log.wandb empty)")
+
 
 def validate(cfg: dict) -> None:
     """Checks every setting of ``cfg``: the names, ``seed`` (an integer >= 0), the ``train`` section
@@ -176,6 +201,7 @@ def validate(cfg: dict) -> None:
         bb = dict(cfg["backbone"])
         check_backbone_settings(bb.pop("name", None), bb)
         check_method_settings(cfg["method"], method_settings(cfg))
+        _check_record_sections(cfg)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:

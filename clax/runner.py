@@ -28,6 +28,7 @@ from clax.methods import get_method, method_settings, parts
 from clax.models import backbone_view, get_backbone
 from clax.plot import accuracy_heatmap
 from clax.train import NonFiniteLossError, fit, make_context, make_optimizer
+from clax import cache, tracking
 
 
 def _checkpointing(cfg: dict, workdir: str, method, tcfg, fresh: bool) -> tuple[dict, list]:
@@ -127,6 +128,7 @@ def run(cfg: dict, workdir: str | None = None, progress: bool = True, fresh: boo
       The JSON-ready results (the content of ``results.json``).
     """
     validate(cfg)  # every setting, and the workdir, checked before the workdir is locked, moved or written
+    cache.from_config(cfg)  # JAX's persistent compilation cache (cache.xla), before anything compiles
     if not workdir:
         return _run(cfg, None, progress, fresh)
     check_workdir(workdir, fresh)
@@ -165,12 +167,18 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
     kw: dict = {}
     if workdir:
         ckpt.train_state_target(method, make_optimizer(tcfg, method))  # a dry init: what fails there fails before a move
-        kw, rows = _checkpointing(cfg, workdir, method, tcfg, fresh)
+        # checkpoints store and compare the config without log/eval/cache: they do not change results
+        kw, rows = _checkpointing(tracking.run_identity(cfg), workdir, method, tcfg, fresh)
+    tracker = tracking.open_tracker(workdir, cfg, tcfg.batch_size, kw.get("resume"),
+                                    tracking.evaluator(method, bench, ctx.scenario, tcfg.eval_batch_size))
+    out = None
     try:
-        out = fit(method, ctx, bench, tcfg, progress=progress, log=rows.append, **kw)
+        out = fit(method, ctx, bench, tcfg, progress=progress, **tracking.hooks(tracker, rows.append), **kw)
     except NonFiniteLossError as e:
         raise NonFiniteLossError(_last_good(e, workdir, kw)) from None
     finally:
+        if tracker is not None and out is None:
+            tracker.close()
         if kw:
             kw["checkpoint"].mngr.wait_until_finished()
             kw["checkpoint"].mngr.close()
@@ -202,4 +210,10 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
         accuracy_heatmap(out["accuracy_matrix"], os.path.join(workdir, "accuracy_matrix.png"),
                          f"{cfg['method']} on {cfg['benchmark']} ({cfg['scenario'].upper()}), "
                          f"ACC {out['acc']:.3f}, BWT {out['bwt']:+.3f}")
+    if tracker is not None:  # TensorBoard: final metrics, figures, the config as hyperparameters
+        try:
+            tracker.finish(results, int(out["state"].step), tracking.run_figures(
+                results, out["state"].cl, bench, os.path.join(workdir, "accuracy_matrix.png")))
+        finally:
+            tracker.close()
     return results

@@ -91,7 +91,10 @@ class Tracker:
         if cfg.get("log", {}).get("tensorboard", True):
             from tensorboardX import SummaryWriter
 
+            # a suffix in nanoseconds: a resumed process started within the same second as the killed one
+            # gets its own file, which sorts after the killed one's (TensorBoard reads files in name order)
             self.writer = SummaryWriter(os.path.join(workdir, TB_DIR), flush_secs=30,
+                                        filename_suffix=f".{time.time_ns()}",
                                         purge_step=int(start_step) + 1 if resumed else None)
             if not resumed:
                 self.writer.add_text("config", "```\n" + json.dumps(cfg, indent=1) + "\n```", 0)
