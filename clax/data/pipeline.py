@@ -58,6 +58,7 @@ class Preprocess:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The shape of one preprocessed image: ``(size, size, channels)``, or ``(size * size * channels,)`` flat."""
         s = (self.size, self.size, self.channels)
         return (int(np.prod(s)),) if self.flat else s
 
@@ -131,10 +132,12 @@ class ImageSource:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """``(number of images,) + `` the shape of one preprocessed image, as an array's."""
         return (int(self._offsets[-1]),) + self.pre.shape
 
     @property
     def ndim(self) -> int:
+        """``len(shape)``, as an array's."""
         return len(self.shape)
 
     def __len__(self) -> int:
@@ -262,12 +265,14 @@ class Stacked(ImageSource):
         self._offsets = np.cumsum([0] + [len(s) for s in sources])
 
     def take(self, positions) -> "Stacked":
+        """The sub-source at ``positions`` (indices or a boolean mask; no pixels are read)."""
         positions = np.asarray(positions)
         positions = np.flatnonzero(positions) if positions.dtype == bool else positions.astype(np.int64)
         part = np.searchsorted(self._offsets, positions, side="right") - 1
         return Stacked([self.sources[p].take(positions[part == p] - self._offsets[p]) for p in np.unique(part)])
 
     def with_augment(self, augment: bool) -> "Stacked":
+        """The same images with the training augmentation switched on or off."""
         return Stacked([s.with_augment(augment) for s in self.sources])
 
     def __getitem__(self, key) -> np.ndarray:

@@ -97,10 +97,12 @@ class Benchmark:
 
     @property
     def num_tasks(self) -> int:
+        """The number of tasks in the stream."""
         return len(self.tasks)
 
     @property
     def max_classes_per_task(self) -> int:
+        """The most classes any task has."""
         return max(len(t.classes) for t in self.tasks)
 
     def num_outputs(self, scenario: str) -> int:
@@ -161,6 +163,7 @@ class Benchmark:
 
 
 def check_scenario(scenario: str) -> None:
+    """Raises ValueError naming ``scenario`` and the valid ones (:data:`SCENARIOS`) when it is not one."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; valid: {', '.join(SCENARIOS)}")
 

@@ -65,6 +65,7 @@ class TfdsReader:
 
     @property
     def ds(self):
+        """The TFDS data source, opened at the first use."""
         if self._ds is None:
             self._ds = _open(self.name, self.split, self.data_dir, self.download)
         return self._ds

@@ -50,6 +50,7 @@ def init(key, ctx: Context, frozen_backbone: bool = False) -> CLState:
 
 
 def backbone_params(cl: CLState):
+    """The backbone's parameters: ``cl.frozen["backbone"]`` if it is frozen, else ``cl.shared["backbone"]``."""
     return cl.frozen["backbone"] if "backbone" in cl.frozen else cl.shared["backbone"]
 
 
