@@ -318,9 +318,10 @@ def _flat(d: Any, prefix: str = "") -> dict:
     return out
 
 
-def config_diff(saved: dict, now: dict, ignore: tuple = ("checkpoint",)) -> list[str]:
+def config_diff(saved: dict, now: dict, ignore: tuple = ("checkpoint", "mesh")) -> list[str]:
     """Dotted keys whose values differ between two configs, as ``"key: saved X, now Y"``; sections in
-    ``ignore`` (checkpointing settings, which do not change results) are skipped."""
+    ``ignore`` (checkpointing settings and the mesh, which change no result beyond the order of
+    floating-point reductions) are skipped."""
     a = _flat({k: v for k, v in saved.items() if k not in ignore})
     b = _flat(json.loads(json.dumps({k: v for k, v in now.items() if k not in ignore})))
     missing = object()

@@ -16,6 +16,7 @@ import os
 from typing import Any, Iterable
 
 from clax.data import BENCHMARKS, SCENARIOS
+from clax.mesh import MESH_DEFAULTS
 from clax.methods import METHODS, check_method_settings, check_scenario_of, method_settings, parts, spec_of
 from clax.models import BACKBONES, check_backbone_settings
 from clax.settings import NON_NEGATIVE_INT, POSITIVE_INT, check_settings, check_value
@@ -61,6 +62,7 @@ def default_config(method: str = "finetune", benchmark: str = "split-digits") ->
         "backbone": {"name": bb, **copy.deepcopy(BACKBONES[bb][1]), **copy.deepcopy(spec.backbone_settings)},
         **({method: copy.deepcopy(spec.defaults)} if "+" not in method else copy.deepcopy(spec.defaults)),
         "checkpoint": {"every_steps": 0, "keep": 2},
+        "mesh": dict(MESH_DEFAULTS),
         **copy.deepcopy(RECORD_DEFAULTS),
     }
 
@@ -173,6 +175,34 @@ def _check_record_sections(cfg: dict) -> None:
                           f"(or leave log.wandb empty)")
 
 
+#: the ``mesh`` section (:mod:`clax.mesh`): ``data`` (0: all devices), ``model``, ``shard_min_size``
+MESH_RULES = {"data": NON_NEGATIVE_INT, "model": POSITIVE_INT, "shard_min_size": POSITIVE_INT}
+
+
+def check_mesh(cfg: dict) -> None:
+    """Checks the ``mesh`` section against this process's devices and the batch sizes, before any data
+    loads: the mesh must divide the device count and its data axis the train and eval batch sizes.
+
+    Raises:
+      ConfigError: naming the setting and the numbers.
+    """
+    from clax import mesh as M
+
+    sec = cfg.get("mesh") or {}
+    unknown = sorted(set(sec) - set(MESH_RULES))
+    if unknown:
+        raise ConfigError(f"unknown setting mesh.{unknown[0]}; valid: {', '.join('mesh.' + k for k in MESH_RULES)}")
+    for k, rule in MESH_RULES.items():
+        if k in sec:
+            check_value(f"mesh.{k}", sec[k], rule)
+    try:
+        mesh = M.from_config(sec)
+        M.check_batch(mesh, int(cfg["train"].get("batch_size", 32)))
+        M.check_batch(mesh, int(cfg["train"].get("eval_batch_size", 256)), "train.eval_batch_size")
+    except M.MeshError as e:
+        raise ConfigError(str(e)) from None
+
+
 def validate(cfg: dict) -> None:
     """Checks every setting of ``cfg``: the names, ``seed`` (an integer >= 0), the ``train`` section
     (:class:`~clax.train.TrainConfig`), ``checkpoint`` (``keep >= 1``, ``every_steps >= 0``), the
@@ -198,6 +228,7 @@ def validate(cfg: dict) -> None:
         for k, rule in CHECKPOINT_RULES.items():
             if k in sec:
                 check_value(f"checkpoint.{k}", sec[k], rule)
+        check_mesh(cfg)
         bb = dict(cfg["backbone"])
         check_backbone_settings(bb.pop("name", None), bb)
         check_method_settings(cfg["method"], method_settings(cfg))

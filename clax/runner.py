@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from clax import checkpoint as ckpt
+from clax import mesh as M
+from clax.mesh import MESH_DEFAULTS
 from clax import workdir as wd
 from clax.config import check_workdir, train_config, validate
 from clax.data import BENCHMARKS, get_benchmark
@@ -162,6 +164,12 @@ def resolve_paths(cfg: dict, workdir: str | None) -> dict:
 def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
     """:func:`run` with ``cfg`` in its stored form, the workdir (if any) locked."""
     bench, ctx, method = build(resolve_paths(cfg, workdir))
+    mesh_cfg = {**MESH_DEFAULTS, **(cfg.get("mesh") or {})}
+    mesh = M.from_config(mesh_cfg)
+    if progress:
+        d = M.describe(mesh)
+        print(f"devices: {d['devices']} {d['platform']} ({d['processes']} process{'es' if d['processes'] > 1 else ''}), "
+              f"mesh data={d['mesh']['data']} x model={d['mesh']['model']}", flush=True)
     tcfg = train_config(cfg)
     rows: list[dict] = []
     kw: dict = {}
@@ -173,7 +181,8 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
                                     tracking.evaluator(method, bench, ctx.scenario, tcfg.eval_batch_size))
     out = None
     try:
-        out = fit(method, ctx, bench, tcfg, progress=progress, **tracking.hooks(tracker, rows.append), **kw)
+        out = fit(method, ctx, bench, tcfg, progress=progress, **tracking.hooks(tracker, rows.append), **kw,
+                  mesh=mesh, shard_min_size=int(mesh_cfg["shard_min_size"]))
     except NonFiniteLossError as e:
         raise NonFiniteLossError(_last_good(e, workdir, kw)) from None
     finally:
@@ -196,6 +205,7 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
         "forgetting": out["forgetting"],
         "params": out["params"],
         "timing": out["timing"],
+        "devices": out["devices"],
         "config": cfg,
         **out.get("report", {}),  # optional per-method extras (Method.report), e.g. mask_density
     }
