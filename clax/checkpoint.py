@@ -157,9 +157,11 @@ def save_progress(mngr: ocp.CheckpointManager, train_state: Any, progress: Any, 
     manager from :func:`manager`, kept for good; ``rows`` are the metrics rows so far (restored on resume).
     """
     step = int(train_state.step)
-    key = np.asarray(jax.device_get(train_state.key))
+    from clax.mesh import to_host
+
+    key = np.asarray(to_host(train_state.key))
     b = progress.init_accuracy
-    item = jax.device_get({
+    item = to_host({
         "train_state": serialization.to_state_dict(train_state),
         "accuracy_matrix": np.asarray(progress.accuracy_matrix, np.float64),
         # Orbax refuses zero-size arrays: a method without initial accuracies stores NaNs (see meta)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from typing import Callable
@@ -38,18 +39,33 @@ def format_matrix(A) -> str:
     return "\n".join(lines)
 
 
+#: the line under :func:`format_table`: what its columns hold
+TABLE_LEGEND = ("bytes/task: bytes each task stores (mean of results.json params.bytes_per_task); "
+                "FWT '-': not reported (CIL: not a transfer, see clax.metrics); backbone: its parameters")
+
+
+def bytes_per_task(res: dict) -> int:
+    """The bytes each task stores in a run: the mean of ``results.json``'s ``params.bytes_per_task``
+    (per-task rows plus what the method stores for the task, e.g. PAH's prototypes)."""
+    b = res["params"].get("bytes_per_task") or [0]
+    return int(round(sum(b) / len(b)))
+
+
 def format_table(rows: list[dict]) -> str:
-    """A comparison table of finished runs."""
-    cols = [("method", 10, "s"), ("scenario", 8, "s"), ("ACC", 6, ".3f"), ("BWT", 7, "+.3f"),
-            ("FWT", 7, "+.3f"), ("forget", 6, ".3f"), ("params/task", 11, "d"), ("backbone", 9, "d"),
+    """A comparison table of finished runs (``results.json`` dicts): ACC, BWT, FWT (``-`` where it is
+    ``None``), forgetting, bytes stored per task (:func:`bytes_per_task`), the backbone's parameters and
+    the training seconds; :data:`TABLE_LEGEND` says so under it."""
+    width = max([10] + [len(r["method"]) for r in rows])
+    cols = [("method", width, "s"), ("scenario", 8, "s"), ("ACC", 6, ".3f"), ("BWT", 7, "+.3f"),
+            ("FWT", 7, "+.3f"), ("forget", 6, ".3f"), ("bytes/task", 10, "d"), ("backbone", 9, "d"),
             ("seconds", 7, ".1f")]
     out = ["  ".join(f"{n:>{w}}" for n, w, _ in cols)]
     for r in rows:
         vals = [r["method"], r["scenario"], r["acc"], r["bwt"], r["fwt"], r["forgetting"],
-                r["params"]["per_task"][0], r["params"]["backbone"], r["timing"]["train_s"]]
+                bytes_per_task(r), r["params"]["backbone"], r["timing"]["train_s"]]
         out.append("  ".join(f"{_fmt(v, f) if v is None or f != 's' else v:>{w}}"
                              for v, (_, w, f) in zip(vals, cols)))
-    return "\n".join(out)
+    return "\n".join(out + [TABLE_LEGEND])
 
 
 def _run_one(args, method: str, scenario: str | None, workdir: str | None):
@@ -66,23 +82,45 @@ def _run_one(args, method: str, scenario: str | None, workdir: str | None):
             raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
         cfg["train"]["epochs"] = args.epochs
     cfg = apply_overrides(cfg, args.set or [])
+    load_user_benchmark(cfg)
     from clax.runner import run
 
     return run(cfg, workdir, progress=not args.quiet, fresh=getattr(args, "fresh", False))
 
 
+def load_user_benchmark(cfg: dict) -> None:
+    """For a user benchmark (``--benchmark package.module:function``), calls the function as the run will
+    (:class:`clax.data.UserBenchmark`, which keeps the result for the run) after checking the config, so
+    that a function that fails or does not return a Benchmark is a one-line error before the workdir is
+    touched. Registered benchmarks are left to the run."""
+    from clax.config import validate
+    from clax.data import BENCHMARKS, is_reference
+
+    if not is_reference(cfg["benchmark"]):
+        return
+    validate(cfg)
+    from clax.data.pipeline import benchmark_kwargs
+    from clax.models import backbone_view
+
+    factory = BENCHMARKS[cfg["benchmark"]]
+    factory(seed=cfg["seed"], view=backbone_view(cfg["backbone"]["name"]), **benchmark_kwargs(factory, cfg))
+
+
 def cmd_run(args) -> int:
-    from clax.config import check_method_name, check_name
-    from clax.data import BENCHMARKS, SCENARIOS
+    """``clax run``: one method (``--method``), or every method in every scenario it supports with one
+    table; names and settings are checked, and a user benchmark loaded, before a workdir is touched."""
+    from clax.config import check_benchmark_name, check_method_name, check_name
+    from clax.data import SCENARIOS
     from clax.methods import METHODS
 
-    check_name("benchmark", args.benchmark, BENCHMARKS)
+    check_benchmark_name(args.benchmark)
+    bench_name = args.benchmark.replace(":", ".")  # in a default workdir's name
     if args.scenario:
         check_name("scenario", args.scenario, SCENARIOS)
     if args.method:
         check_method_name(args.method)
         workdir = args.workdir or os.path.join(
-            "runs", f"{args.method}-{args.benchmark}-{args.scenario or 'default'}-s{args.seed}")
+            "runs", f"{args.method}-{bench_name}-{args.scenario or 'default'}-s{args.seed}")
         res = _run_one(args, args.method, args.scenario, workdir)
         print(f"\n{res['method']} on {res['benchmark']} ({res['scenario'].upper()}), seed {res['seed']}")
         print(format_matrix(res["accuracy_matrix"]))
@@ -91,7 +129,7 @@ def cmd_run(args) -> int:
         print(f"\nresults: {os.path.join(workdir, 'results.json')}")
         return 0
     # The main job: every method, every scenario it supports, one table.
-    root = args.workdir or os.path.join("runs", f"main-{args.benchmark}-s{args.seed}")
+    root = args.workdir or os.path.join("runs", f"main-{bench_name}-s{args.seed}")
     rows, t0 = [], time.perf_counter()
     for name, spec in METHODS.items():
         for scen in ([args.scenario] if args.scenario else spec.scenarios):
@@ -105,20 +143,104 @@ def cmd_run(args) -> int:
     return 0
 
 
+def plain(text: str) -> str:
+    """``text`` without reST markup, as a terminal shows it: ``` ``code`` ``` and `` `x` `` lose their
+    backticks, ``:func:`~a.b``` becomes ``b`` and ``:class:`a.b``` ``a.b``; whitespace runs become one space."""
+    text = re.sub(r":[a-z]+:`~[^`]*?([^.`]+)`", r"\1", text)
+    text = re.sub(r":[a-z]+:`([^`]+)`", r"\1", text)
+    text = re.sub(r"`+([^`]*)`+", r"\1", text)
+    return " ".join(text.split())
+
+
+def first_line(doc: str | None) -> str:
+    """The first line of a docstring, without reST markup (:func:`plain`)."""
+    return plain((doc or "").strip().splitlines()[0]) if (doc or "").strip() else ""
+
+
+def columns(rows: list[list[str]], indent: str = "  ") -> list[str]:
+    """``rows`` as lines of left-aligned columns, each as wide as its widest cell (the last one unpadded)."""
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]
+    return [indent + "  ".join(c.ljust(widths[i]) if i < len(r) - 1 else c for i, c in enumerate(r)).rstrip()
+            for r in rows]
+
+
+def show_value(v) -> str:
+    """A setting's value as ``--set`` takes it: ``true``/``false``, numbers, ``[a, b]`` lists, ``""`` for
+    an empty string."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return v if v else '""'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(show_value(x) for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def valid_values(rule, default) -> str:
+    """What a setting accepts, in words, from its :class:`clax.settings.Rule` (or its default's kind)."""
+    from clax.settings import _rule_of_default
+
+    r = rule or _rule_of_default(default)
+    if r.kind == "str" and r.says.startswith("one of "):
+        return " | ".join(r.says[len("one of "):].split(", "))
+    if r.says and r.says[0].isalpha() and not r.says.startswith("in "):
+        return r.says
+    base = {"int": "integer", "number": "number", "bool": "true | false", "str": "text",
+            "ints": "list of integers", "regex": "regular expression"}.get(r.kind, "any")
+    return f"{base} {r.says}".strip()
+
+
+def describe_method(name: str) -> list[str]:
+    """``clax list METHOD``'s lines: for each part of ``name`` its summary, scenarios, default backbone,
+    training defaults it changes, and every setting with its default, valid values and one line."""
+    from clax.config import check_method_name
+    from clax.methods import METHODS, parts, setting_help
+
+    check_method_name(name)
+    out = []
+    for part in parts(name):
+        spec = METHODS[part]
+        helps = setting_help(part)
+        out.append(f"{part}: {plain(spec.summary)}")
+        bb = f"default backbone {spec.backbone}" + (
+            " (" + ", ".join(f"{k}={show_value(v)}" for k, v in spec.backbone_settings.items()) + ")"
+            if spec.backbone_settings else "")
+        out.append(f"  scenarios {'/'.join(spec.scenarios)}; {bb}")
+        if spec.train:
+            out.append("  training defaults it changes (--set train.KEY=VALUE): "
+                       + ", ".join(f"{k}={show_value(v)}" for k, v in spec.train.items()))
+        if not spec.defaults:
+            out.append("  no settings of its own")
+            continue
+        out.append(f"  settings (--set {part}.KEY=VALUE):")
+        rows = [["setting", "default", "valid", "what"]]
+        rows += [[k, show_value(v), valid_values(spec.rules.get(k), v), plain(helps.get(k, ""))]
+                 for k, v in spec.defaults.items()]
+        out += columns(rows, "    ")
+    return out
+
+
 def cmd_list(args) -> int:
+    """``clax list [METHOD]``: what exists, or one method's settings."""
+    if getattr(args, "method", None):
+        print("\n".join(describe_method(args.method)))
+        return 0
     from clax.data import BENCHMARKS
     from clax.methods import METHODS
     from clax.models import BACKBONES
 
-    print("methods:")
-    for n, s in METHODS.items():
-        print(f"  {n:<10} {s.summary}  [{'/'.join(s.scenarios)}; default backbone {s.backbone}]")
-    print("benchmarks:")
-    for n, f in BENCHMARKS.items():
-        print(f"  {n:<16} {(f.__doc__ or '').strip().splitlines()[0]}")
-    print("backbones:")
-    for n, (_, d, view) in BACKBONES.items():
-        print(f"  {n:<10} {view} input; settings {d}")
+    print("methods (clax list METHOD: its settings; join methods with '+', e.g. replay+lwf):")
+    print("\n".join(columns([["name", "scenarios", "backbone", "what"]] + [
+        [n, "/".join(s.scenarios), s.backbone, plain(s.summary)] for n, s in METHODS.items()])))
+    print("benchmarks (--benchmark NAME):")
+    print("\n".join(columns([[n, first_line(f.__doc__)] for n, f in BENCHMARKS.items()] + [
+        ["package.module:function", "your own: a function returning a clax.data.Benchmark "
+                                    "(e.g. Benchmark.from_arrays)"]])))
+    print("backbones (--set backbone.name=NAME):")
+    print("\n".join(columns([[n, f"{view} input", ", ".join(f"{k}={show_value(v)}" for k, v in d.items())]
+                             for n, (_, d, view) in BACKBONES.items()])))
     return 0
 
 
@@ -160,23 +282,49 @@ def _close_bars() -> None:
         print(file=sys.stderr)
 
 
-def main(argv=None) -> int:
-    """Entry point of the ``clax`` command."""
-    quiet_absl()
-    p = _Parser(prog="clax", description="Continual learning in JAX.")
-    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
-    r = sub.add_parser("run", help="train and evaluate (no --method: every method, one table)")
-    r.add_argument("--method")
-    r.add_argument("--benchmark", default="split-digits")
-    r.add_argument("--scenario")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--epochs", type=int)
-    r.add_argument("--workdir")
-    r.add_argument("--data-dir", help="folder of a real data set (image folder, tiny-imagenet-200, TFDS data dir)")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+def build_parser() -> argparse.ArgumentParser:
+    """The ``clax`` command's parser: every option's help says its default and valid values."""
+    from clax.data import BENCHMARKS
+    from clax.methods import METHODS
+
+    p = _Parser(prog="clax", description="Continual learning in JAX. 'clax COMMAND --help' describes a command.")
+    sub = p.add_subparsers(dest="cmd", parser_class=_Parser, metavar="COMMAND")
+    r = sub.add_parser("run", help="train and evaluate (no --method: every method, one table)",
+                       description="Train and evaluate one method (or every method) on a benchmark; the "
+                                   "workdir receives results.json, metrics.csv, accuracy_matrix.png and "
+                                   "checkpoints, and a rerun of the same command resumes it.")
+    r.add_argument("--method", metavar="NAME",
+                   help="the method, or several joined with '+' (e.g. replay+lwf); valid: "
+                        f"{', '.join(METHODS)}; 'clax list NAME' shows its settings. Default: none, which "
+                        "runs every method in every scenario it supports and prints one table")
+    r.add_argument("--benchmark", default="split-digits", metavar="NAME",
+                   help=f"the task stream: one of {', '.join(BENCHMARKS)}, or your own as "
+                        "package.module:function (a function returning a clax.data.Benchmark, importable from "
+                        "PYTHONPATH or the current directory). Default: %(default)s")
+    r.add_argument("--scenario", metavar="til|cil",
+                   help="til (task id given) or cil (class-incremental). Default: the method's first supported "
+                        "scenario (see 'clax list'); without --method, every scenario each method supports")
+    r.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of parameters, data order and every random draw, an integer >= 0. Default: %(default)s")
+    r.add_argument("--epochs", type=int, metavar="N",
+                   help="epochs per task, an integer >= 1 (sets train.epochs). Default: the method's "
+                        "(5 unless 'clax list METHOD' says otherwise)")
+    r.add_argument("--workdir", metavar="DIR",
+                   help="where the run is written and resumed from. Default: runs/METHOD-BENCHMARK-SCENARIO-sSEED "
+                        "(SCENARIO 'default' without --scenario); without --method, runs/main-BENCHMARK-sSEED "
+                        "with one workdir per method and scenario under it")
+    r.add_argument("--data-dir", metavar="DIR",
+                   help="folder of a real data set (image folder, tiny-imagenet-200, TFDS data dir). Default: "
+                        "none (the offline digits benchmarks need none)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config key, e.g. train.lr=1e-3, ewc.lambda=1e4, backbone.name=resnet18; "
+                        "repeatable. Keys: train.*, backbone.*, checkpoint.*, METHOD.* ('clax list METHOD' "
+                        "lists a method's with defaults and valid values) and the config's other sections; an "
+                        "unknown key is refused, naming the valid ones. Default: none")
+    r.add_argument("--quiet", action="store_true", help="no progress bars. Default: off (bars on a terminal)")
     r.add_argument("--fresh", action="store_true",
-                   help="move an existing workdir to WORKDIR.old-N and start over instead of resuming")
+                   help="move an existing workdir to WORKDIR.old-N and start over instead of resuming. "
+                        "Default: off (resume)")
     from clax.inspect import add_commands
 
     add_commands(sub)
@@ -184,7 +332,19 @@ def main(argv=None) -> int:
     from clax.plot import add_command as add_plot_command
 
     add_plot_command(sub)
-    sub.add_parser("list", help="methods, benchmarks and backbones")
+    ls = sub.add_parser("list", help="methods, benchmarks and backbones; 'clax list METHOD': its settings",
+                        description="What exists: methods, benchmarks, backbones. With a method, its settings "
+                                    "with defaults, valid values and what each does.")
+    ls.add_argument("method", nargs="?", metavar="METHOD",
+                    help="a method (or several joined with '+') whose settings to list. Default: none, list "
+                         "everything")
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``clax`` command."""
+    quiet_absl()
+    p = build_parser()
     args = p.parse_args(argv)
     if args.cmd is None:
         p.print_help()

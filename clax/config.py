@@ -34,6 +34,25 @@ def check_name(kind: str, name: str, valid: Iterable[str]) -> None:
         raise ConfigError(f"unknown {kind} {name!r}; valid: {', '.join(valid)}")
 
 
+def check_benchmark_name(name: str) -> None:
+    """Checks a benchmark name: a registered one, or a user's ``package.module:function`` whose module
+    imports and has that function (:class:`clax.data.UserBenchmark`; whether it returns a Benchmark is
+    known only by calling it, which loads data: the CLI does that before a run touches its workdir).
+
+    Raises:
+      ConfigError: an unknown name (listing the valid ones), or a reference that does not resolve, naming it.
+    """
+    from clax.data import UserBenchmark, is_reference
+
+    if not is_reference(name):
+        check_name("benchmark", name, BENCHMARKS)
+        return
+    try:
+        UserBenchmark(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_method_name(name: str):
     """The :class:`~clax.methods.MethodSpec` of ``name``: a registered method or several joined with
     ``+`` (``replay+lwf``).
@@ -50,7 +69,7 @@ def check_method_name(name: str):
 def default_config(method: str = "finetune", benchmark: str = "split-digits") -> dict:
     """The default configuration for ``method`` on ``benchmark``."""
     spec = check_method_name(method)
-    check_name("benchmark", benchmark, BENCHMARKS)
+    check_benchmark_name(benchmark)
     bb = spec.backbone
     return {
         "method": method,
@@ -218,7 +237,7 @@ def validate(cfg: dict) -> None:
             if key not in cfg:
                 raise ConfigError(f"the config has no {key!r}")
         check_method_name(cfg["method"])
-        check_name("benchmark", cfg["benchmark"], BENCHMARKS)
+        check_benchmark_name(cfg["benchmark"])
         check_name("scenario", cfg["scenario"], SCENARIOS)
         check_scenario_of(cfg["method"], cfg["scenario"])
         if not isinstance(cfg.get("data_dir", ""), str):

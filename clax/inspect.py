@@ -333,14 +333,23 @@ def _compared_line(r: dict) -> str:
 
 def add_commands(sub) -> None:
     """Adds ``inspect`` and ``eval`` to the ``clax`` command's subparsers."""
-    i = sub.add_parser("inspect", help="what a workdir's checkpoint holds, per partition and per task")
-    i.add_argument("workdir")
-    i.add_argument("--task", type=int, help="read task N's checkpoint (written at the end of task N; the "
-                   "newest where there is none) and restrict per-task rows, densities and distances to it")
-    i.add_argument("--json", action="store_true", help="print JSON")
-    i.add_argument("--png-dir", help="draw prototype PNGs into this folder (default: none drawn; inspect writes nothing)")
+    i = sub.add_parser("inspect", help="what a workdir's checkpoint holds, per partition and per task",
+                       description="What a workdir's newest intact checkpoint holds: every leaf of every "
+                                   "partition, the bytes each task adds, mask densities, task distances. "
+                                   "Read-only.")
+    i.add_argument("workdir", help="the workdir of a run (clax run --workdir)")
+    i.add_argument("--task", type=int, metavar="N",
+                   help="read task N's checkpoint (written at the end of task N; the newest where there is "
+                        "none) and restrict per-task rows, densities and distances to it; N in 0..tasks-1. "
+                        "Default: the newest checkpoint, every task")
+    i.add_argument("--json", action="store_true", help="print JSON. Default: off (text)")
+    i.add_argument("--png-dir", metavar="DIR",
+                   help="draw prototype PNGs into this folder. Default: none drawn (inspect writes nothing)")
     i.set_defaults(func=cmd_inspect)
-    e = sub.add_parser("eval", help="re-evaluate a workdir's saved state on its benchmark")
-    e.add_argument("workdir")
-    e.add_argument("--json", action="store_true", help="print JSON")
+    e = sub.add_parser("eval", help="re-evaluate a workdir's saved state on its benchmark",
+                       description="Rebuild the run from its saved config, restore the newest intact "
+                                   "checkpoint and re-evaluate it on the benchmark's test sets, comparing "
+                                   "with the saved accuracy matrix (exit 1 if they differ). Read-only.")
+    e.add_argument("workdir", help="the workdir of a run (clax run --workdir)")
+    e.add_argument("--json", action="store_true", help="print JSON. Default: off (text)")
     e.set_defaults(func=cmd_eval)

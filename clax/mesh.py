@@ -29,14 +29,20 @@ class MeshError(ValueError):
     """A mesh that cannot be built: the message names the numbers."""
 
 
+_JOINED: list = []
+
+
 def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
     """Joins a multi-process run through :func:`jax.distributed.initialize` when one is asked for.
 
     The coordinator address, process count and id come from the arguments or, where not given, from
     ``CLAX_COORDINATOR``, ``CLAX_NUM_PROCESSES`` and ``CLAX_PROCESS_ID`` (or JAX's own cluster
     detection, e.g. SLURM or Cloud TPU, when only ``CLAX_DISTRIBUTED=1`` is set). Returns whether the
-    run is multi-process. Call it before any other JAX call.
+    run is multi-process. Call it before any other JAX call; :func:`make_mesh` calls it (once) when
+    those variables are set. On CPU the processes talk through Gloo (JAX's CPU collectives).
     """
+    if _JOINED:
+        return _JOINED[0]
     coordinator = coordinator or os.environ.get("CLAX_COORDINATOR", "")
     num_processes = num_processes or int(os.environ.get("CLAX_NUM_PROCESSES", "0") or 0)
     if process_id < 0:
@@ -45,12 +51,42 @@ def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = 
         if num_processes < 1 or not 0 <= process_id < num_processes:
             raise MeshError(f"a multi-process run needs the process count and this process's id: got "
                             f"num_processes={num_processes}, process_id={process_id}")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes, process_id)
+        _JOINED.append(True)
         return True
     if os.environ.get("CLAX_DISTRIBUTED") == "1":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize()
+        _JOINED.append(True)
         return True
+    _JOINED.append(False)
     return False
+
+
+def is_main() -> bool:
+    """Whether this is the process that writes files (results, metrics, plots): process 0."""
+    return jax.process_index() == 0
+
+
+def to_host(tree: Any) -> Any:
+    """``tree`` as NumPy arrays in every process: a leaf split over several processes is gathered
+    (:func:`jax.experimental.multihost_utils.process_allgather`), others are read locally."""
+    def get(a):
+        if isinstance(a, jax.Array) and not (a.is_fully_addressable or a.is_fully_replicated):
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return np.asarray(a) if isinstance(a, (jax.Array, np.ndarray)) else a
+    return jax.tree.map(get, tree)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches ``name`` (nothing in a one-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def make_mesh(data: int = 0, model: int = 1, devices=None) -> Mesh:
@@ -63,6 +99,8 @@ def make_mesh(data: int = 0, model: int = 1, devices=None) -> Mesh:
     Raises:
       MeshError: naming the numbers that do not fit.
     """
+    if devices is None:
+        initialize()
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if model < 1 or data < 0:

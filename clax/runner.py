@@ -36,9 +36,11 @@ from clax import cache, tracking
 def _checkpointing(cfg: dict, workdir: str, method, tcfg, fresh: bool) -> tuple[dict, list]:
     """fit()'s checkpoint arguments for ``workdir`` (resuming where it holds checkpoints) and the
     metrics rows so far."""
-    if fresh and (old := wd.move_aside(workdir)):
+    if fresh and M.is_main() and (old := wd.move_aside(workdir)):
         ckpt._say(f"moved the previous run to {old}; starting fresh in {workdir}")
+    M.barrier("clax-workdir-ready")  # the other processes read the workdir once process 0 has moved it
     found = ckpt.load_resume(workdir, cfg, method, make_optimizer(tcfg, method))
+    M.barrier("clax-resume-read")  # every process has read the workdir before any writes to it
     rows: list[dict] = []
     kw: dict = {}
     if found:
@@ -135,6 +137,8 @@ def run(cfg: dict, workdir: str | None = None, progress: bool = True, fresh: boo
         return _run(cfg, None, progress, fresh)
     check_workdir(workdir, fresh)
     cfg = workdir_config(cfg, workdir)
+    if not M.is_main():  # the other processes of a multi-process run: process 0 holds the lock
+        return _run(cfg, workdir, progress, fresh)
     with wd.lock(workdir):  # one run per workdir, held until the last file is written
         return _run(cfg, workdir, progress, fresh)
 
@@ -177,7 +181,7 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
         ckpt.train_state_target(method, make_optimizer(tcfg, method))  # a dry init: what fails there fails before a move
         # checkpoints store and compare the config without log/eval/cache: they do not change results
         kw, rows = _checkpointing(tracking.run_identity(cfg), workdir, method, tcfg, fresh)
-    tracker = tracking.open_tracker(workdir, cfg, tcfg.batch_size, kw.get("resume"),
+    tracker = tracking.open_tracker(workdir if M.is_main() else None, cfg, tcfg.batch_size, kw.get("resume"),
                                     tracking.evaluator(method, bench, ctx.scenario, tcfg.eval_batch_size))
     out = None
     try:
@@ -210,7 +214,7 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
         **out.get("report", {}),  # optional per-method extras (Method.report), e.g. mask_density
     }
     results = _jsonable(results)
-    if workdir:  # each file atomically: a kill leaves the previous version or the new one
+    if workdir and M.is_main():  # process 0 writes; each file atomically: a kill leaves the old or the new one
         with wd.atomic_open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
         with wd.atomic_open(os.path.join(workdir, "metrics.csv"), "w", newline="") as f:

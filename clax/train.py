@@ -548,6 +548,10 @@ def fit(
     steps = Steps(method, tx, scenario)
     layout: list = []  # the TrainState's shardings, made once from its first value
 
+    # In a multi-process run the host-side hooks see the state as NumPy (the same in every process) and
+    # their result is laid out on the mesh again; in one process they see it as it is.
+    host = M.to_host if jax.process_count() > 1 else (lambda tree: tree)
+
     def place(ts: TrainState) -> TrainState:
         """``ts`` on the mesh (after init, resume and every host-side hook)."""
         if not layout:
@@ -585,7 +589,7 @@ def fit(
             k_end = jnp.asarray(resume[1].task_key)
         else:
             key, k_begin, k_end = jax.random.split(ts.key, 3)
-            cl = method.begin_task(ts.cl, TaskData(r, x, y, k_begin, cfg.batch_size))
+            cl = method.begin_task(host(ts.cl), TaskData(r, x, y, k_begin, cfg.batch_size))
             ts = place(TrainState(cl, tx.init(trainable(cl, t)), key, ts.step))
         if method.train_filter is not None:  # e.g. PAH: drop the images its prototypes came from
             keep = np.asarray(method.train_filter(TaskData(r, x, y, k_end, cfg.batch_size)))
@@ -630,7 +634,7 @@ def fit(
                 _check_finite(ts, t, losses, r, epoch, per_epoch)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if method.end_epoch is not None:
-                ts = place(ts.replace(cl=method.end_epoch(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size), epoch)))
+                ts = place(ts.replace(cl=method.end_epoch(host(ts.cl), TaskData(r, x, y, k_end, cfg.batch_size), epoch)))
             grad_norm = means.pop("grad_norm", None)
             row = {"task": r, "epoch": epoch, "loss": mean_loss, **dict(sorted(means.items())),
                    **({"lr": lr_at(cfg, epoch)} if optimizer is None else {}),  # a user's: its own schedule
@@ -646,7 +650,7 @@ def fit(
                 checkpoint(ts, Progress(r, s, A.copy(), b, train_s + time.perf_counter() - t0, n_steps,
                                         list(compiles_after_task), k_end, {}))
         bar.close()
-        ts = place(ts.replace(cl=method.end_task(ts.cl, TaskData(r, x, y, k_end, cfg.batch_size))))
+        ts = place(ts.replace(cl=method.end_task(host(ts.cl), TaskData(r, x, y, k_end, cfg.batch_size))))
         jax.block_until_ready(ts)
         train_s += time.perf_counter() - t0
         last = r + 1 if (method.evaluates_unseen and r + 1 < T) else r

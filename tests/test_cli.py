@@ -24,6 +24,11 @@ def test_run_writes_results_json_metrics_csv_and_heatmap(tmp_path, capsys):
     assert (w / "accuracy_matrix.png").stat().st_size > 1000
     out = capsys.readouterr().out
     assert "ACC" in out and "after\\on" in out
+    # FWT is no transfer in CIL: null in results.json, "-" in the table
+    assert res["fwt"] is None and res["init_accuracy"] is not None
+    head, row = [ln.split() for ln in out.splitlines() if ln.split()[:1] in (["method"], ["finetune"])][-2:]
+    assert row[head.index("FWT")] == "-" and row[head.index("bytes/task")] == str(
+        round(sum(res["params"]["bytes_per_task"]) / 5))
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -68,3 +73,82 @@ def test_list_names_methods_benchmarks_and_backbones(capsys):
     out = capsys.readouterr().out
     for name in ("finetune", "replay", "split-digits", "permuted-digits", "resnet18", "vit"):
         assert name in out
+
+
+def test_the_table_shows_bytes_stored_per_task_and_fwt_dash_where_none():
+    from clax.cli import format_table
+
+    res = {"method": "pah", "scenario": "til", "acc": 0.9, "bwt": -0.01, "fwt": None, "forgetting": 0.02,
+           "params": {"backbone": 82432, "per_task": [0] * 5, "bytes_per_task": [800] * 5},
+           "timing": {"train_s": 3.0}}
+    head, row, legend = format_table([res]).splitlines()
+    cells = dict(zip(head.split(), row.split()))
+    assert cells["bytes/task"] == "800" and cells["FWT"] == "-" and "params/task" not in head
+    assert "bytes each task stores" in legend
+
+
+def _subparsers(parser):
+    import argparse
+
+    return {n: sp for a in parser._actions if isinstance(a, argparse._SubParsersAction) for n, sp in a.choices.items()}
+
+
+def test_every_flag_of_every_command_says_what_it_is_and_its_default(capsys):
+    from clax.cli import build_parser
+
+    subs = _subparsers(build_parser())
+    assert {"run", "list", "inspect", "eval"} <= set(subs)
+    for name, sp in subs.items():
+        for a in sp._actions:
+            if a.dest == "help":
+                continue
+            assert a.help and len(a.help) > 15, (name, a.dest)
+            if a.option_strings or a.nargs == "?":
+                assert "default" in a.help.lower(), (name, a.dest, a.help)
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "Default: split-digits" in out and "package.module:function" in out and "til" in out
+    for method in ("finetune", "replay", "pah", "soft_tf"):
+        assert method in out
+
+
+def test_list_method_shows_each_setting_with_default_valid_values_and_one_line(capsys):
+    from clax.methods import METHODS, setting_help
+
+    for name, spec in METHODS.items():  # every setting of every method has its line
+        helps = setting_help(name)
+        assert set(helps) == set(spec.defaults), name
+        assert all(h and "``" not in h for h in helps.values()), name
+    assert main(["list", "pah"]) == 0
+    out = capsys.readouterr().out
+    rows = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("    ")}
+    for key, default in METHODS["pah"].defaults.items():
+        assert key in rows, key
+        assert setting_help("pah")[key] in rows[key]
+    assert rows["kd_direction"].split()[1:4] == ["student_teacher", "teacher_student", "|"]
+    assert rows["alpha"].split()[1:4] == ["0.5", "number", ">="]
+    assert "epochs=10" in out and "--set pah.KEY=VALUE" in out
+    starts = {ln.index(ln.split()[1], len(ln.split()[0]) + 4) for ln in rows.values()}
+    assert len(starts) == 1  # the defaults column is aligned
+    assert main(["list", "replay+lwf"]) == 0
+    out = capsys.readouterr().out
+    assert "buffer_size" in out and "temperature" in out
+    assert main(["list", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_list_prints_clean_aligned_descriptions(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "`" not in out and ":func:" not in out and ":class:" not in out
+    section, starts = None, {}
+    for ln in out.splitlines():
+        if not ln.startswith("  "):
+            section = ln.split()[0]
+            continue
+        name = ln.split()[0]
+        starts.setdefault(section, set()).add(ln.index(ln.split()[1], len(name) + 2))
+    assert set(starts) == {"methods", "benchmarks", "backbones"}
+    assert all(len(s) == 1 for s in starts.values()), starts  # each section's second column starts at one place

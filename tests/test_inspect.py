@@ -40,6 +40,12 @@ def test_inspect_json_lists_every_partition_and_its_counts_add_up_to_results_jso
     assert d["accuracy_matrix"] == res["accuracy_matrix"]
 
 
+def test_fwt_is_reported_in_til(finished):
+    res = json.loads((finished / "results.json").read_text())
+    A, b = res["accuracy_matrix"], res["init_accuracy"]
+    assert res["scenario"] == "til" and res["fwt"] == pytest.approx(np.mean([A[c - 1][c] - b[c] for c in range(1, 5)]))
+
+
 def test_inspect_task_restricts_to_one_row_and_text_output_names_each_leaf(finished, capsys):
     capsys.readouterr()
     assert main(["inspect", str(finished), "--task", "2", "--json"]) == 0

@@ -34,3 +34,11 @@ def test_bwt_of_an_unchanged_diagonal_is_exactly_zero():
     A = np.array([[0.9, 0.1], [0.9, 0.7]])
     m = summarize(A)
     assert m["bwt"] == 0.0 and m["forgetting"] == 0.0
+
+
+def test_fwt_is_reported_in_til_and_none_in_cil_for_every_method():
+    A = np.array([[0.9, 0.0], [0.8, 0.7]])  # CIL: task 1's classes never predicted before task 1
+    b = np.array([0.1, 0.12])
+    assert math.isclose(summarize(A, b, "til")["fwt"], 0.0 - 0.12)
+    assert summarize(A, b, "cil")["fwt"] is None
+    assert summarize(A, b)["fwt"] is not None  # no scenario given: the formula alone

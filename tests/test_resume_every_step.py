@@ -57,7 +57,8 @@ CHECKPOINT_STEPS = [g for g in range(1, TASKS * TASK_STEPS + 1) if g % PER_EPOCH
 KILLS = [("after step", g) for g in range(1, TASKS * TASK_STEPS + 1)] + [
     ("after checkpoint", g) for g in CHECKPOINT_STEPS]
 # timing fields that describe the process, not the run (see the module docstring)
-PROCESS_FIELDS = ("train_s", "compiles", "traces", "compiles_after_task")
+PROCESS_FIELDS = ("train_s", "compiles", "compile_s", "compile_cache_hits", "step_traces", "traces",
+                  "compiles_after_task")
 
 
 class Stop(Exception):

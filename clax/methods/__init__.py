@@ -167,6 +167,15 @@ def get_method(name: str, ctx: Context, **settings) -> Method:
     return join(*[METHODS[p].factory(ctx, **settings.get(p, {})) for p in names], scenario=ctx.scenario)
 
 
+def setting_help(name: str) -> dict:
+    """One line per setting of registered method ``name``, for ``clax list METHOD``: the ``<NAME>_HELP``
+    dict beside its ``<NAME>_DEFAULTS`` in the factory's module (empty for a method without settings)."""
+    import sys
+
+    spec = METHODS[name]
+    return dict(getattr(sys.modules[spec.factory.__module__], f"{name.upper()}_HELP", {}))
+
+
 def method_settings(cfg: dict) -> dict:
     """The settings :func:`get_method` takes for a config: the method's section, or for methods joined
     with ``+`` ``{part: its section}``."""
@@ -177,5 +186,5 @@ def method_settings(cfg: dict) -> dict:
 
 
 __all__ = ["METHODS", "Context", "check_method_settings", "check_scenario_of", "derpp", "get_method", "join",
-           "Method", "MethodSpec", "method_settings", "parts", "si", "spec_of", "TaskData", "ewc", "finetune",
+           "Method", "MethodSpec", "method_settings", "parts", "setting_help", "si", "spec_of", "TaskData", "ewc", "finetune",
            "hembed", "hnet", "ibm", "joint", "lwf", "packnet", "pah", "replay", "wsn"]

@@ -25,12 +25,15 @@ import jax
 
 from clax.compose import chain
 from clax.methods.base import Context, Method
-from clax.methods.frozen import PRETRAIN_DEFAULTS, PRETRAIN_RULES, frozen_backbone
+from clax.methods.frozen import PRETRAIN_DEFAULTS, PRETRAIN_HELP, PRETRAIN_RULES, frozen_backbone
 from clax.settings import Rule, check_settings
 from clax.transforms import frozen, reprogram
 
 CLR_DEFAULTS = {"kernel_size": 3, "full": False, **{**PRETRAIN_DEFAULTS, "pretrain_steps": 120}}
 CLR_RULES = {"kernel_size": Rule("int", lambda v: v >= 1 and v % 2 == 1, "a positive odd number"), **PRETRAIN_RULES}
+#: one line per setting, as ``clax list clr`` prints it
+CLR_HELP = {"kernel_size": "kernel size of the per-task depthwise reprogramming convolutions",
+            "full": "also reprogram after the 1x1 convolutions (CLR-full)", **PRETRAIN_HELP}
 
 
 def clr(ctx: Context, **settings) -> Method:

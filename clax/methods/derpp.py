@@ -13,6 +13,10 @@ from clax.transforms import classifier, rehearsal
 
 DERPP_DEFAULTS = {"buffer_size": 200, "alpha": 0.2, "beta": 1.0}
 DERPP_RULES = {"buffer_size": POSITIVE_INT, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE}
+#: one line per setting, as ``clax list derpp`` prints it
+DERPP_HELP = {"buffer_size": "samples kept in the reservoir buffer, with their logits",
+              "alpha": "weight of the MSE between stored and current logits",
+              "beta": "weight of the cross-entropy on rehearsed samples"}
 
 
 def derpp(ctx: Context, **settings) -> Method:

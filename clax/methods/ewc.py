@@ -14,6 +14,9 @@ from clax.transforms import classifier, penalty
 
 EWC_DEFAULTS = {"lambda": 1e5, "fisher_samples": 256}
 EWC_RULES = {"lambda": NON_NEGATIVE, "fisher_samples": POSITIVE_INT}
+#: one line per setting, as ``clax list ewc`` prints it
+EWC_HELP = {"lambda": "strength of the quadratic penalty on moving important weights",
+            "fisher_samples": "training samples per task for the empirical diagonal Fisher"}
 
 
 def ewc(ctx: Context, **settings) -> Method:

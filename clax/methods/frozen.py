@@ -17,6 +17,13 @@ from clax.transforms.frozen import by_task, check_trained, mark_trained  # noqa:
 #: ``"glyphs"``, ``"none"`` or a ``.msgpack`` path.
 PRETRAIN_DEFAULTS = {"pretrained": "auto", "pretrain_steps": 200, "pretrain_seed": 0, "pretrain_dir": ""}
 PRETRAIN_RULES = {"pretrain_steps": POSITIVE_INT, "pretrain_seed": NON_NEGATIVE_INT}
+#: one line per pretraining setting, as ``clax list clr`` prints it
+PRETRAIN_HELP = {
+    "pretrained": "frozen weights: auto, glyphs (offline pretraining), none (random) or a .msgpack path",
+    "pretrain_steps": "steps of the offline glyph pretraining",
+    "pretrain_seed": "seed of the glyph pretraining",
+    "pretrain_dir": "cache of the pretrained weights (empty: the workdir's pretrain/)",
+}
 
 
 def frozen_backbone(ctx: Context, s: dict, method: str):

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from clax.compose import chain
 from clax.methods.base import Context, Method
-from clax.methods.hnet import HNET_DEFAULTS, HNET_RULES, hnet_parts
+from clax.methods.hnet import HNET_DEFAULTS, HNET_HELP, HNET_RULES, hnet_parts
 from clax.settings import POSITIVE, POSITIVE_INT, check_settings, one_of
 from clax.transforms import h_embedding
 from clax.transforms.h_embedding import decoder_init  # noqa: F401  (the API of before)
@@ -74,6 +74,20 @@ HEMBED_RULES = {**HNET_RULES, **{k: one_of(*v) for k, v in CHOICES.items()}, "hs
                 "decoder_lr": POSITIVE}
 GUIDANCE_SETTINGS = ("guidance", "distance_form", "hscore_samples", "solve_steps", "solve_lr", "decoder_hidden",
                      "decoder_input", "decoder", "decoder_lr", "random_dist")
+#: one line per setting, as ``clax list hembed`` prints it
+HEMBED_HELP = {
+    **HNET_HELP,
+    "guidance": "h: H-score embeddings; none: plain HNET; random: the ablation",
+    "distance_form": "target distance from the H-score: direct or reciprocal",
+    "hscore_samples": "new-task samples whose features give the H-scores",
+    "solve_steps": "gradient steps solving for the H-embedding",
+    "solve_lr": "learning rate of that solve",
+    "decoder_hidden": "hidden width of the embedding decoder",
+    "decoder_input": "what the decoder reads: the chunks' activations or the task embedding",
+    "decoder": "a fresh decoder per task (authors') or one shared decoder",
+    "decoder_lr": "learning rate of the per-task decoder's own Adam",
+    "random_dist": "distribution of the random embeddings of guidance=random",
+}
 
 
 def hembed(ctx: Context, **settings) -> Method:

@@ -42,6 +42,17 @@ HNET_DEFAULTS = {
 }
 HNET_RULES = {"chunk_size": POSITIVE_INT, "task_emb_dim": POSITIVE_INT, "chunk_emb_dim": POSITIVE_INT,
               "hidden": WIDTHS, "beta": NON_NEGATIVE, "lookahead_lr": POSITIVE, "emb_std": POSITIVE}
+#: one line per setting, as ``clax list hnet`` prints it
+HNET_HELP = {
+    "chunk_size": "target-network values generated per hypernetwork call (chunk)",
+    "task_emb_dim": "size of each task's embedding",
+    "chunk_emb_dim": "size of each chunk's embedding",
+    "hidden": "the hypernetwork's hidden layer widths",
+    "beta": "weight of the output regulariser on old tasks' generated weights",
+    "lookahead": "evaluate the regulariser after a one-step lookahead (the paper's)",
+    "lookahead_lr": "step size of the lookahead",
+    "emb_std": "initial std of the task and chunk embeddings",
+}
 
 
 def hnet_parts(ctx: Context, s: dict, name: str = "hnet") -> tuple[Model, tuple[Transform, ...], Target]:

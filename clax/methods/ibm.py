@@ -46,6 +46,22 @@ IBM_RULES = {
     "kl_fac": NON_NEGATIVE, "svd_every": POSITIVE_INT, "svd_var": between(0, 1, "(]"), "svd_samples": POSITIVE_INT,
     "init_std": NON_NEGATIVE, "vb_lr_mult": POSITIVE, "layers": REGEX, "bn": one_of(*consolidation.BN_MODES),
 }
+#: one line per setting, as ``clax list ibm`` prints it
+IBM_HELP = {
+    "kl_fac": "weight of the KL (information bottleneck) term",
+    "kl_per_sample": "divide the KL sum by the batch size, as the authors' code",
+    "svd": "weight each layer's KL by its SVD ratio",
+    "svd_every": "recompute the SVD ratios every this many epochs of a task",
+    "svd_var": "fraction of variance the SVD ratio's singular values explain",
+    "svd_samples": "training samples for the SVD ratios",
+    "init_mu": "initial mean of the variational mask",
+    "init_logD": "initial log variance of the variational mask",
+    "init_std": "std of the initial draws of mu and logD",
+    "threshold": "a weight is kept where log alpha < threshold",
+    "vb_lr_mult": "learning-rate multiplier of the variational parameters",
+    "layers": "regular expression over backbone parameter paths: the masked weights",
+    "bn": "test-time BatchNorm statistics: re-estimated per task, of the test batch, or running",
+}
 
 
 def ibm(ctx: Context, **settings) -> Method:

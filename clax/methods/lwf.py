@@ -18,6 +18,9 @@ from clax.transforms import classifier, distill
 
 LWF_DEFAULTS = {"alpha": 1.0, "temperature": 2.0}
 LWF_RULES = {"alpha": NON_NEGATIVE, "temperature": POSITIVE}
+#: one line per setting, as ``clax list lwf`` prints it
+LWF_HELP = {"alpha": "weight of the distillation loss on the old model's outputs",
+            "temperature": "softmax temperature of the distillation"}
 
 
 def lwf(ctx: Context, **settings) -> Method:

@@ -28,6 +28,11 @@ from clax.transforms import batchnorm, binary_mask, consolidation, prune
 PACKNET_DEFAULTS = {"prune": 0.5, "prune_after": 7, "layers": r"kernel$", "bn": "refresh"}
 PACKNET_RULES = {"prune": FRACTION, "prune_after": POSITIVE_INT, "layers": REGEX,
                  "bn": one_of(*consolidation.BN_MODES)}
+#: one line per setting, as ``clax list packnet`` prints it
+PACKNET_HELP = {"prune": "fraction of the task's free weights released by magnitude pruning",
+                "prune_after": "epochs before pruning; the task's remaining epochs retrain",
+                "layers": "regular expression over backbone parameter paths: the masked weights",
+                "bn": "test-time BatchNorm statistics: re-estimated per task, of the test batch, or running"}
 
 
 def packnet(ctx: Context, **settings) -> Method:

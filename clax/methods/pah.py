@@ -76,6 +76,23 @@ PAH_RULES = {"proto_size": POSITIVE_INT, "proto_channels": POSITIVE_INT, "init":
              "hidden": WIDTHS, "alpha": NON_NEGATIVE, "temperature": POSITIVE, "kd_direction": one_of(*DIRECTIONS),
              "hnet_init": one_of(*HNET_INITS), "proto_input": one_of(*PROTO_INPUTS), "bn": one_of(*BN_MODES),
              "proto_lr": POSITIVE, "proto_weight_decay": NON_NEGATIVE, "backbone_lr_scale": POSITIVE}
+#: one line per setting, as ``clax list pah`` prints it
+PAH_HELP = {
+    "proto_size": "side of each class prototype image",
+    "proto_channels": "channels of each prototype image",
+    "init": "prototypes from training images (semantic, the paper) or random (the ablation)",
+    "hidden": "the head hypernetwork's layer widths",
+    "alpha": "weight of the distillation of old tasks' heads",
+    "temperature": "softmax temperature of that distillation",
+    "kd_direction": "KL(student || teacher) (authors' code) or KL(teacher || student) (Hinton's)",
+    "hnet_init": "hypernetwork init: Kaiming-normal (authors') or LeCun with an affine output",
+    "head_bias": "also generate a bias for each head",
+    "proto_input": "prototypes resized to the backbone's input (the paper) or fed at native size",
+    "bn": "BatchNorm outside training: running statistics, or the batch's (authors' code)",
+    "proto_lr": "learning rate of the prototype step's AdamW",
+    "proto_weight_decay": "weight decay of the prototype step's AdamW",
+    "backbone_lr_scale": "the backbone's learning rate as a multiple of train.lr",
+}
 
 
 def pah(ctx: Context, **settings) -> Method:

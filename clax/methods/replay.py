@@ -15,6 +15,8 @@ from clax.transforms import classifier, rehearsal
 
 REPLAY_DEFAULTS = {"buffer_size": 200}
 REPLAY_RULES = {"buffer_size": POSITIVE_INT}
+#: one line per setting, as ``clax list replay`` prints it
+REPLAY_HELP = {"buffer_size": "samples kept in the reservoir buffer and rehearsed"}
 
 
 def replay(ctx: Context, **settings) -> Method:

@@ -10,6 +10,8 @@ from clax.transforms import classifier, penalty
 
 SI_DEFAULTS = {"c": 0.1, "xi": 1e-3}
 SI_RULES = {"c": NON_NEGATIVE, "xi": POSITIVE}
+#: one line per setting, as ``clax list si`` prints it
+SI_HELP = {"c": "strength of the path-integral penalty", "xi": "damping of the importance's denominator"}
 
 
 def si(ctx: Context, **settings) -> Method:

@@ -62,7 +62,7 @@ import jax
 
 from clax.compose import chain
 from clax.methods.base import Context, Method
-from clax.methods.frozen import PRETRAIN_DEFAULTS, PRETRAIN_RULES, frozen_backbone
+from clax.methods.frozen import PRETRAIN_DEFAULTS, PRETRAIN_HELP, PRETRAIN_RULES, frozen_backbone
 from clax.settings import FRACTION, NON_NEGATIVE, POSITIVE_INT, REGEX, between, check_settings, one_of
 from clax.transforms import binary_mask, frozen, prompt, soft_mask, task_inference
 from clax.transforms.soft_mask import block_filter, vit_depth  # noqa: F401 (re-exported)
@@ -78,6 +78,23 @@ SOFT_TF_RULES = {"masked_blocks": POSITIVE_INT, "mask_filter": REGEX, "keep": FR
                  "mask_precision": one_of(*soft_mask.PRECISIONS), "label_smoothing": between(0, 1, "[)"),
                  "task_inference": one_of(*INFERENCE_RULES), "g_prompt_tasks": one_of(*G_PROMPT_TASKS),
                  "key_loss_weight": NON_NEGATIVE, **PRETRAIN_RULES}
+#: one line per setting, as ``clax list soft_tf`` prints it
+SOFT_TF_HELP = {
+    "masked_blocks": "mask the weights of the last this many ViT blocks",
+    "mask_filter": "regular expression over parameter paths choosing the masked weights (overrides masked_blocks)",
+    "binary": "binary top-keep masks with a straight-through gradient instead of soft masks",
+    "keep": "fraction of each weight tensor a binary mask keeps",
+    "mask_precision": "precision soft masks are stored in",
+    "label_smoothing": "label smoothing of the cross-entropy",
+    "task_inference": "CIL task-id rule: ncm, entropy, or prompt (needs prompts=true)",
+    "prompts": "add DualPrompt prefix prompts (G-prompts shared, E-prompts and keys per task)",
+    "prompt_length": "tokens per prompt",
+    "g_prompt_layers": "blocks with the shared G-prompts",
+    "e_prompt_layers": "blocks with the per-task E-prompts (negative: from the last)",
+    "g_prompt_tasks": "train the G-prompts in the first task only, or in all tasks (authors')",
+    "key_loss_weight": "weight of DualPrompt's key pull constraint",
+    **PRETRAIN_HELP,
+}
 
 
 def inference_rules(s: dict) -> tuple[str, ...]:

@@ -36,6 +36,10 @@ from clax.transforms import batchnorm, binary_mask, consolidation
 
 WSN_DEFAULTS = {"c": 0.5, "layers": r"kernel$", "bn": "refresh"}
 WSN_RULES = {"c": FRACTION, "layers": REGEX, "bn": one_of(*consolidation.BN_MODES)}
+#: one line per setting, as ``clax list wsn`` prints it
+WSN_HELP = {"c": "fraction of each layer's weights a task's binary mask keeps (the paper's c)",
+            "layers": "regular expression over backbone parameter paths: the masked weights",
+            "bn": "test-time BatchNorm statistics: re-estimated per task, of the test batch, or running"}
 
 
 def wsn(ctx: Context, **settings) -> Method:
