@@ -19,8 +19,9 @@ import pytest
 from clax.config import ConfigError, default_config, validate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EIGHT = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": HERE}
-ONE = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": HERE}
+_PATH = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH", "")) if p)
+EIGHT = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": _PATH}
+ONE = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": _PATH}
 
 
 def _clax(args, env, check=True):
