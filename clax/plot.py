@@ -7,6 +7,7 @@ the TensorBoard writer, :mod:`clax.tracking`, stores) and :func:`save_figure` wr
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import numpy as np
@@ -101,7 +102,9 @@ def acc_curves_figure(runs: dict, title: str = ""):
     plt = _pyplot()
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7.6, 3.8))
+    n = len(runs)
+    ncol = 1 if n <= 30 else 2  # the legend, one line per run, sets the height
+    fig, ax = plt.subplots(figsize=(7.6 + 2.2 * (ncol - 1), max(3.8, 0.9 + 0.16 * -(-n // ncol))))
     for i, (label, A) in enumerate(runs.items()):
         acc = acc_after_task(A)
         ax.plot(np.arange(1, len(acc) + 1), acc, label=f"{label} ({acc[-1]:.3f})", markersize=5, alpha=0.9,
@@ -111,7 +114,7 @@ def acc_curves_figure(runs: dict, title: str = ""):
     ax.set_xlabel("after task")
     ax.set_ylabel("ACC (mean test accuracy of the tasks seen)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, ncol=ncol,
               title="run (final ACC)", title_fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -230,16 +233,20 @@ def _label(workdir: str, taken: set) -> str:
     return label
 
 
+_MOVED_ASIDE = re.compile(r"\.old-\d+$")  # workdirs --fresh moved aside
+
+
 def _finished_runs(workdirs) -> list[tuple[str, dict]]:
     """``[(workdir, results)]``: each workdir's ``results.json``; a folder without one that holds finished
-    runs one level down (the main job's ``runs/main-*``) stands for those."""
+    runs one level down (the main job's ``runs/main-*``) stands for those, except runs that ``--fresh``
+    moved aside (``*.old-N``)."""
     import json
 
     out = []
     for w in workdirs:
         f = os.path.join(w, "results.json")
         subs = sorted(os.path.join(w, d) for d in (os.listdir(w) if os.path.isdir(w) else [])
-                      if os.path.isfile(os.path.join(w, d, "results.json")))
+                      if os.path.isfile(os.path.join(w, d, "results.json")) and not _MOVED_ASIDE.search(d))
         if os.path.isfile(f):
             paths = [w]
         elif subs:

@@ -266,16 +266,17 @@ def hooks(tracker: Optional[Tracker], log) -> dict:
 
 def run_figures(results: dict, cl, bench, heatmap_path: Optional[str] = None) -> dict:
     """The end-of-run images as ``{tag: PNG bytes}``: ``figures/accuracy_matrix`` (the PNG at
-    ``heatmap_path`` where it exists, else drawn), ``figures/capacity`` where ``results`` has
-    ``capacity_used`` and ``figures/prototypes`` where ``cl.shared`` has a prototype table."""
+    ``heatmap_path`` where one is given and exists; drawn where none is given), ``figures/capacity``
+    where ``results`` has ``capacity_used`` and ``figures/prototypes`` where ``cl.shared`` has a
+    prototype table."""
     from clax import plot
 
     figs: dict = {}
-    if heatmap_path and os.path.exists(heatmap_path):
+    if heatmap_path is None:
+        figs["figures/accuracy_matrix"] = plot.figure_png(plot.heatmap_figure(results["accuracy_matrix"]))
+    elif os.path.exists(heatmap_path):  # the runner's accuracy_matrix.png, not drawn twice
         with open(heatmap_path, "rb") as f:
             figs["figures/accuracy_matrix"] = f.read()
-    else:
-        figs["figures/accuracy_matrix"] = plot.figure_png(plot.heatmap_figure(results["accuracy_matrix"]))
     if results.get("capacity_used") is not None:
         figs["figures/capacity"] = plot.figure_png(plot.capacity_figure({results["method"]: results}))
     shared = getattr(cl, "shared", None)
