@@ -23,7 +23,7 @@ from clax import mesh as M
 from clax import partition as P
 from clax.data import Benchmark, check_scenario, eval_batches, train_batches
 from clax.methods.base import Context, Method, TaskData
-from clax.metrics import summarize
+from clax.metrics import CompileCounter, summarize
 from clax.models import Backbone
 from clax.partition import CLState
 
@@ -403,6 +403,9 @@ class Steps:
 
     @property
     def compiles(self) -> int:
+        """How many times the train and eval steps were traced (``timing.step_traces``; each trace
+        compiles once). Every XLA compilation of a run, eager ones included, is ``timing.compiles``
+        (:class:`clax.metrics.CompileCounter`)."""
         return sum(self.traces.values())
 
 
@@ -545,6 +548,7 @@ def fit(
     M.check_batch(mesh, cfg.batch_size)
     M.check_batch(mesh, cfg.eval_batch_size, "train.eval_batch_size")
     tx = make_optimizer(cfg, method, optimizer)
+    compiled = CompileCounter()  # every XLA compilation of the run from here on: timing["compiles"]
     steps = Steps(method, tx, scenario)
     layout: list = []  # the TrainState's shardings, made once from its first value
 
@@ -561,12 +565,12 @@ def fit(
     key = jax.random.PRNGKey(cfg.seed)
     key, k_init = jax.random.split(key)
     if resume is None:
-        cl = method.init(k_init)
+        cl = jax.jit(method.init)(k_init)  # one compilation, not one per eager operation of the init
         P.check(cl, T)
         ts = place(TrainState(cl, tx.init(trainable(cl, 0)), key, jnp.zeros((), jnp.int32)))
     else:  # the resumed state replaces the initial one: not computed
         P.check(resume[0].cl, T)
-    backbone_count = P.count(ctx.backbone.init(jax.random.PRNGKey(0))[0])
+    backbone_count = P.count(jax.eval_shape(ctx.backbone.init, jax.random.PRNGKey(0))[0])  # shapes only
 
     A = np.full((T, T), np.nan)
     b = None
@@ -663,12 +667,13 @@ def fit(
             _check_finite(ts, t, [], r, cfg.epochs, per_epoch)
             checkpoint(ts, Progress(r + 1, 0, A.copy(), b, train_s, n_steps, list(compiles_after_task)))
 
-    out = summarize(A, b)
+    out = summarize(A, b, scenario)  # FWT None in CIL (clax.metrics.FWT_SCENARIOS)
     out.update(
         accuracy_matrix=A,
         init_accuracy=b,
         params=count_params(ts.cl, backbone_count, T, method),
-        timing={"train_s": train_s, "steps": n_steps, "compiles": steps.compiles, "traces": dict(steps.traces),
+        timing={"train_s": train_s, "steps": n_steps, "compiles": compiled.count, "compile_s": compiled.seconds,
+                "compile_cache_hits": compiled.cache_hits, "step_traces": steps.compiles, "traces": dict(steps.traces),
                 "compiles_after_task": compiles_after_task},
         history=history,
         state=ts,
