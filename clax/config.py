@@ -19,7 +19,7 @@ from clax.data import BENCHMARKS, SCENARIOS
 from clax.mesh import MESH_DEFAULTS
 from clax.methods import METHODS, check_method_settings, check_scenario_of, method_settings, parts, spec_of
 from clax.models import BACKBONES, check_backbone_settings
-from clax.settings import NON_NEGATIVE_INT, POSITIVE_INT, check_settings, check_value
+from clax.settings import NON_NEGATIVE_INT, POSITIVE_INT, REGEX, check_settings, check_value
 from clax.train import TrainConfig
 
 
@@ -195,7 +195,7 @@ def _check_record_sections(cfg: dict) -> None:
 
 
 #: the ``mesh`` section (:mod:`clax.mesh`): ``data`` (0: all devices), ``model``, ``shard_min_size``
-MESH_RULES = {"data": NON_NEGATIVE_INT, "model": POSITIVE_INT, "shard_min_size": POSITIVE_INT}
+MESH_RULES = {"data": NON_NEGATIVE_INT, "model": POSITIVE_INT, "shard_min_size": POSITIVE_INT, "shard": REGEX}
 
 
 def check_mesh(cfg: dict) -> None:

@@ -21,8 +21,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 #: the ``mesh`` config section: ``data`` (0: every device not used by ``model``), ``model`` (devices a large
-#: leaf is split over), ``shard_min_size`` (values from which a leaf is split over ``model``)
-MESH_DEFAULTS = {"data": 0, "model": 1, "shard_min_size": 1 << 20}
+#: leaf is split over), ``shard_min_size`` (values from which a leaf is split over ``model``), ``shard`` (a
+#: regular expression over the state's partition paths, e.g. ``per_task/.*mask``: leaves it selects are
+#: split over ``model`` whatever their size)
+MESH_DEFAULTS = {"data": 0, "model": 1, "shard_min_size": 1 << 20, "shard": ""}
 
 
 class MeshError(ValueError):
@@ -138,11 +140,29 @@ def leaf_spec(shape, model: int, min_size: int) -> P:
     return P()
 
 
-def state_sharding(tree: Any, mesh: Mesh, min_size: int = MESH_DEFAULTS["shard_min_size"]) -> Any:
+def leaf_paths(tree: Any) -> list[str]:
+    """The ``/``-joined path of every leaf of ``tree`` as the partition rules name them
+    (``cl/per_task/masks/...``, ``opt_state/0/mu/shared/...``)."""
+    def name(k):
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+    return ["/".join(name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def state_sharding(tree: Any, mesh: Mesh, min_size: int = MESH_DEFAULTS["shard_min_size"], shard: str = "") -> Any:
     """The :class:`NamedSharding` of every leaf of ``tree`` (a TrainState or any pytree of arrays):
-    replicated, or split over ``model`` (:func:`leaf_spec`)."""
+    replicated, or split over ``model`` (:func:`leaf_spec`) where the leaf has at least ``min_size``
+    values or its path (:func:`leaf_paths`) matches the regular expression ``shard`` (searched)."""
+    import re
+
     model = mesh.shape["model"]
-    return jax.tree.map(lambda a: NamedSharding(mesh, leaf_spec(np.shape(a), model, min_size)), tree)
+    rx = re.compile(shard) if shard else None
+    leaves, treedef = jax.tree.flatten(tree)
+    out = [NamedSharding(mesh, leaf_spec(np.shape(a), model, 1 if rx and rx.search(p) else min_size))
+           for a, p in zip(leaves, leaf_paths(tree))]
+    return jax.tree.unflatten(treedef, out)
 
 
 def place(tree: Any, shardings: Any) -> Any:

@@ -186,7 +186,7 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
     out = None
     try:
         out = fit(method, ctx, bench, tcfg, progress=progress, **tracking.hooks(tracker, rows.append), **kw,
-                  mesh=mesh, shard_min_size=int(mesh_cfg["shard_min_size"]))
+                  mesh=mesh, shard_min_size=int(mesh_cfg["shard_min_size"]), shard=str(mesh_cfg["shard"]))
     except NonFiniteLossError as e:
         raise NonFiniteLossError(_last_good(e, workdir, kw)) from None
     finally:

@@ -498,6 +498,7 @@ def fit(
     optimizer: Optional[optax.GradientTransformation] = None,
     mesh=None,
     shard_min_size: int = M.MESH_DEFAULTS["shard_min_size"],
+    shard: str = "",
 ) -> dict:
     """Trains ``method`` through every task of ``bench`` and evaluates after each.
 
@@ -534,7 +535,8 @@ def fit(
       mesh: the :class:`jax.sharding.Mesh` to train on (:mod:`clax.mesh`); default every device as the
         ``data`` axis. Each batch is split along ``data`` (``cfg.batch_size`` and ``cfg.eval_batch_size``
         must be multiples of it), the state replicated, leaves of at least ``shard_min_size`` values
-        split over ``model`` when it is larger than 1. The data order does not depend on the mesh.
+        split over ``model`` when it is larger than 1, as are leaves whose path matches the regular
+        expression ``shard`` (:func:`clax.mesh.state_sharding`). The data order does not depend on the mesh.
 
     Returns:
       A dict with ``accuracy_matrix`` (T x T, NaN where not evaluated), ``init_accuracy``, the metrics
@@ -559,7 +561,7 @@ def fit(
     def place(ts: TrainState) -> TrainState:
         """``ts`` on the mesh (after init, resume and every host-side hook)."""
         if not layout:
-            layout.append(M.state_sharding(ts, mesh, shard_min_size))
+            layout.append(M.state_sharding(ts, mesh, shard_min_size, shard))
             steps.shard(layout[0])
         return M.place(ts, layout[0])
     key = jax.random.PRNGKey(cfg.seed)

@@ -19,7 +19,7 @@ SETTINGS = {"clr": {"pretrained": "none"}, "soft_tf": {"pretrained": "none", "ma
 BACKBONES = {"clr": ("resnet18", {"nf": 4}), "soft_tf": ("vit", {"depth": 1, "dim": 32, "heads": 2})}
 
 
-def run(name, mesh, shard_min_size=1 << 20):
+def run(name, mesh, shard_min_size=1 << 20, shard=""):
     bench = tiny_digits(num_tasks=2, n_train=64, n_test=64)
     bb, kw = BACKBONES.get(name, ("mlp", {"hidden": [32]}))
     from clax.data import split_digits  # image view for the CNN / ViT backbones
@@ -34,7 +34,7 @@ def run(name, mesh, shard_min_size=1 << 20):
     ctx = make_context(get_backbone(bb, bench.input_shape, **kw), bench, scenario)
     m = get_method(name, ctx, **SETTINGS.get(name, {}))
     out = fit(m, ctx, bench, TrainConfig(epochs=1, batch_size=16, eval_batch_size=64), progress=False, mesh=mesh,
-              shard_min_size=shard_min_size)
+              shard_min_size=shard_min_size, shard=shard)
     return out
 
 
@@ -44,13 +44,14 @@ def main():
     for spec in sys.argv[1:]:
         name, _, layout = spec.partition(":")
         one = run(name, M.make_mesh(1, 1))
-        meshes = {"data8": (M.make_mesh(), 1 << 20)}
-        if layout == "model2":
-            meshes["data4model2"] = (M.make_mesh(4, 2), 1000)
+        meshes = {"data8": (M.make_mesh(), 1 << 20, "")}
+        if layout == "model2":  # large leaves split over model; then the leaves a path rule names
+            meshes["data4model2"] = (M.make_mesh(4, 2), 1000, "")
+            meshes["data4model2path"] = (M.make_mesh(4, 2), 1 << 30, "cl/shared/backbone")
         entry = {"one": np.nan_to_num(one["accuracy_matrix"], nan=-1).tolist(), "bwt_one": one["bwt"],
                  "bytes_one": one["devices"]["bytes_per_device"]}
-        for key, (mesh, msz) in meshes.items():
-            out = run(name, mesh, msz)
+        for key, (mesh, msz, shard) in meshes.items():
+            out = run(name, mesh, msz, shard)
             diff = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
                        for a, b in zip(jax.tree.leaves((one["state"].cl.shared, one["state"].cl.per_task)),
                                        jax.tree.leaves((out["state"].cl.shared, out["state"].cl.per_task))))

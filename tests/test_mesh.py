@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -20,8 +21,11 @@ from clax.config import ConfigError, default_config, validate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _PATH = os.pathsep.join(p for p in (HERE, os.environ.get("PYTHONPATH", "")) if p)
-EIGHT = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": _PATH}
-ONE = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": _PATH}
+# the subprocesses share the session's persistent compilation cache (tests/conftest.py)
+CACHE = {"PYTHONPATH": _PATH, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir or "",
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+EIGHT = {**os.environ, **CACHE, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+ONE = {**os.environ, **CACHE, "XLA_FLAGS": ""}
 
 
 def _clax(args, env, check=True):
@@ -37,7 +41,7 @@ def test_eight_devices_give_the_one_device_run():
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.split("RESULT ", 1)[1])
     for name, entry in res.items():
-        for layout in ("data8", "data4model2"):
+        for layout in ("data8", "data4model2", "data4model2path"):
             if layout not in entry:
                 continue
             got = entry[layout]
@@ -50,6 +54,9 @@ def test_eight_devices_give_the_one_device_run():
     assert split["mesh"] == {"data": 4, "model": 2}
     # every leaf of at least 1000 values split over the model axis: about half the bytes on each device
     assert split["bytes_per_device"] < 0.6 * res["finetune:model2"]["bytes_one"]
+    # a path rule (mesh.shard) splits the leaves it names, here the backbone's, whatever their size
+    by_path = res["finetune:model2"]["data4model2path"]["devices"]["bytes_per_device"]
+    assert split["bytes_per_device"] <= by_path < res["finetune:model2"]["bytes_one"]
 
 
 def _truncate_to_task(src, dst, task):

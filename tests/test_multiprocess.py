@@ -13,10 +13,10 @@ import sys
 
 import numpy as np
 
-from test_mesh import _truncate_to_task
+from test_mesh import ONE, _truncate_to_task
 
 ARGS = ["run", "--method", "replay", "--epochs", "1", "--quiet", "--set", "backbone.hidden=[32]"]
-ENV = {**os.environ, "XLA_FLAGS": ""}
+ENV = ONE  # one CPU device per process; the session's compilation cache
 
 
 def _port() -> int:

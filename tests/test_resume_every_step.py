@@ -76,6 +76,7 @@ def _built(name: str):
         cfg["backbone"]["hidden"] = [32, 32]
         cfg[name].update(SETTINGS.get(name, {}))
         cfg["checkpoint"] = {"every_steps": PER_EPOCH, "keep": 1}
+        cfg["log"]["tensorboard"] = False  # event files and figures are tested in test_tracking.py
         bench = tiny_digits(TASKS)
         ctx = make_context(get_backbone("mlp", bench.input_shape, hidden=[32, 32]), bench, cfg["scenario"])
         method = get_method(name, ctx, **cfg[name])
