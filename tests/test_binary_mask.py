@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clax.transforms.binary_mask import check_fraction, kept_count, pack, packed_nbytes, top_fraction, top_fraction_ste, unpack
+from clax.transforms.binary_mask import (check_fraction, kept_count, kth_largest, pack, packed_nbytes, top_fraction,
+                                        top_fraction_ste, top_fraction_sorted, top_fractions, unpack)
 
 
 def test_top_fraction_keeps_the_largest_magnitudes_by_the_authors_count():
@@ -31,6 +32,41 @@ def test_top_fraction_equals_the_authors_percentile_rule_ties_included(c):
         ties = rng.integers(-3, 4, size=shape).astype(np.float32)  # many ties at the threshold: all kept
         np.testing.assert_array_equal(top_fraction(jnp.asarray(ties), c), _authors_rule(ties, c))
     assert kept_count(4096, 0.5) == 2048 and kept_count(6, 0.5) == 4
+
+
+def _cases(rng):
+    """Random scores, scores with many ties, and layers of different sizes (a 1-entry layer included)."""
+    shapes = [(1,), (2,), (7,), (13, 5), (3, 3, 4, 6), (256, 64), (3, 3, 16, 32)]
+    out = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    out += [rng.integers(-3, 4, size=s).astype(np.float32) for s in shapes]  # many ties, zeros, -0.0
+    out += [np.zeros((5, 4), np.float32), np.full((9,), -2.5, np.float32),  # all tied
+            # (no subnormals: XLA on CPU flushes them to zero in compares, as the sort-based mask did)
+            np.array([0.0, -0.0, 2e-38, -2e-38, 1.5e-38, np.inf, -np.inf, 3.4e38, 1.0, 1.0], np.float32),
+            (rng.random((64, 32)) * 1e-3).astype(np.float32).round(5)]  # near-ties at a small scale
+    return out
+
+
+@pytest.mark.parametrize("c", [0.01, 0.1, 0.3, 0.5, 0.9, 0.99])
+def test_bisection_mask_equals_the_sort_based_mask_ties_included(c):
+    # top_fraction's threshold is found by a bisection on the float32 bit pattern, not a sort: the mask
+    # must be the sort's (lax.top_k's) and the authors' percentile rule's, bit for bit, ties included,
+    # layer by layer and with all layers' thresholds found in one loop (top_fractions)
+    cases = _cases(np.random.default_rng(3))
+    together = jax.jit(lambda xs: top_fractions(xs, c))([jnp.asarray(x) for x in cases])
+    for x, m in zip(cases, together):
+        want = np.asarray(top_fraction_sorted(jnp.asarray(x), c))
+        np.testing.assert_array_equal(want, _authors_rule(x, c))
+        np.testing.assert_array_equal(top_fraction(jnp.asarray(x), c), want)
+        np.testing.assert_array_equal(m, want)
+
+
+def test_kth_largest_is_the_sorted_value_for_every_k():
+    rng = np.random.default_rng(4)
+    for x in [np.abs(rng.normal(size=37)).astype(np.float32), np.abs(rng.integers(0, 4, size=37)).astype(np.float32)]:
+        got = jax.jit(lambda a: kth_largest([a] * 37, list(range(1, 38))))(jnp.asarray(x))
+        np.testing.assert_array_equal(np.array(got), np.sort(x)[::-1])
+    with pytest.raises(ValueError, match="k must be in"):
+        kth_largest([jnp.ones(3)], [4])
 
 
 def test_straight_through_gradient_passes_through_the_absolute_value():

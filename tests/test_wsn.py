@@ -131,3 +131,17 @@ def test_capacity_plot_writes_a_png(out, tmp_path):
     path = tmp_path / "capacity.png"
     capacity_plot({"wsn": out["report"], "other": {"capacity_used": [0.2, 0.4, 0.5]}}, str(path), "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_mask_is_the_sorts_without_a_sort_in_the_step(out):
+    # issue 17: the top-c selection of every layer is one bisection loop on the float32 bit pattern, not
+    # lax.top_k per layer per step; its mask on the trained scores is the sort-based one, bit for bit
+    meth = out["method"]
+    cl = out["state"].cl
+    x = jnp.asarray(out["bench"].tasks[0].x_train[:8])
+    batch = {"x": x, "y": jnp.zeros(8, jnp.int32), "tid": jnp.zeros(8, jnp.int32)}
+    jaxpr = str(jax.make_jaxpr(lambda cl: meth.loss(cl, batch, jax.random.PRNGKey(0), 0)[0])(cl))
+    assert "top_k[" not in jaxpr and " sort[" not in jaxpr
+    assert jaxpr.count("length=31") == 1  # all layers' thresholds in one loop of 31 bisection passes
+    for sc in jax.tree.leaves(cl.shared["scores"]):
+        np.testing.assert_array_equal(binary_mask.top_fraction(sc, 0.5), binary_mask.top_fraction_sorted(sc, 0.5))

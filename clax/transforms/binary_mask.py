@@ -33,17 +33,57 @@ def kept_count(n: int, c: float) -> int:
     return int(n) - k + 1
 
 
+def kth_largest(values, ks) -> list:
+    """The ``ks[i]``-th largest entry of each non-negative float32 array ``values[i]``, exactly (the value
+    that sorting would give), without sorting: a bisection on the float32 bit pattern.
+
+    For non-negative floats the bit pattern read as an int32 orders as the value, so the ``k``-th largest
+    is the largest pattern ``v`` with at least ``k`` entries ``>= v``; it is built bit by bit from the top
+    (31 passes, each a compare and a count over the array, all arrays in the same pass of one loop).
+    ``1 <= ks[i] <= values[i].size``; NaN is not supported (its pattern orders above infinity).
+    """
+    bits = [jax.lax.bitcast_convert_type(jnp.asarray(v, jnp.float32).ravel(), jnp.int32) for v in values]
+    ks = [int(k) for k in ks]
+    for b, k in zip(bits, ks):
+        if not 1 <= k <= b.size:
+            raise ValueError(f"k must be in [1, {b.size}], got {k}")
+
+    def body(i, ts):
+        step = jnp.left_shift(jnp.int32(1), 30 - i)
+        out = []
+        for b, k, t in zip(bits, ks, ts):
+            cand = t | step
+            out.append(jnp.where(jnp.sum(b >= cand, dtype=jnp.int32) >= k, cand, t))
+        return tuple(out)
+
+    ts = jax.lax.fori_loop(0, 31, body, tuple(jnp.int32(0) for _ in bits))
+    return [jax.lax.bitcast_convert_type(t, jnp.float32) for t in ts]
+
+
+def top_fractions(scores: list, c: float) -> list:
+    """:func:`top_fraction` of each tensor of the list ``scores``, their thresholds found together (one
+    loop of :func:`kth_largest` over all of them)."""
+    a = [jnp.abs(s) for s in scores]
+    th = kth_largest(a, [max(1, kept_count(x.size, c)) for x in a])
+    return [(x >= t).astype(s.dtype) for s, x, t in zip(scores, a, th)]
+
+
 def top_fraction(scores: jax.Array, c: float) -> jax.Array:
     """Float mask with 1 where ``|scores|`` is among the top ``c`` fraction of its tensor.
 
     As the authors' WSN (``GetSubnetFaster`` over ``percentile``): the threshold is the
     :func:`kept_count`-th largest ``|score|``, and every score at or above it is kept, ties included.
+    The threshold is found by :func:`kth_largest` (31 vectorised compare-and-count passes, no sort):
+    the same value as the sort's, so the same mask.
     """
+    return top_fractions([scores], c)[0]
+
+
+def top_fraction_sorted(scores: jax.Array, c: float) -> jax.Array:
+    """:func:`top_fraction` by the sort (the threshold as the minimum of ``lax.top_k``'s top ``k``): the
+    reference that the bisection is tested against, and the former implementation (about 10x slower on CPU)."""
     flat = jnp.abs(scores).ravel()
     k = max(1, kept_count(flat.size, c))
-    # the k-th largest |score|, as the minimum of the top k gathered by index: the same value as
-    # top_k's last value, but XLA on CPU runs this form in about half the time (6.8 against 13.6 ms on
-    # a 256 x 256 layer)
     threshold = jnp.min(flat[jax.lax.top_k(flat, k)[1]])
     return (jnp.abs(scores) >= threshold).astype(scores.dtype)
 
@@ -51,6 +91,11 @@ def top_fraction(scores: jax.Array, c: float) -> jax.Array:
 def straight_through(hard: jax.Array, soft: jax.Array) -> jax.Array:
     """``hard`` in the forward pass, identity gradient to ``soft`` in the backward pass."""
     return soft + jax.lax.stop_gradient(hard - soft)
+
+
+def top_fractions_ste(scores: list, c: float) -> list:
+    """:func:`top_fraction_ste` of each tensor of the list ``scores`` (thresholds by one :func:`top_fractions`)."""
+    return [straight_through(h, jnp.abs(s)) for h, s in zip(top_fractions(scores, c), scores)]
 
 
 def top_fraction_ste(scores: jax.Array, c: float) -> jax.Array:
@@ -121,7 +166,8 @@ def top_c(c: float, store: str = "packed") -> consolidation.Mask:
         return cl.replace(shared={**cl.shared, "scores": init_scores(k_scores, cl.shared["weights"])})
 
     def train(cl, t, key):
-        m = jax.tree.map(lambda sc: top_fraction_ste(sc, c), cl.shared["scores"])
+        leaves, treedef = jax.tree.flatten(cl.shared["scores"])
+        m = jax.tree.unflatten(treedef, top_fractions_ste(leaves, c))
         return consolidation.apply_masks(cl.shared["weights"], m), {}
 
     def test(cl, t):
@@ -138,8 +184,8 @@ def packed(c: float, num_tasks: int, name: str = "packed") -> Transform:
         return jnp.zeros((num_tasks, int(packed_layout(cl.shared["weights"])[-1])), jnp.uint8)
 
     def end_task(cl, data):
-        m = jax.tree.map(lambda sc: top_fraction(sc, c) > 0, cl.shared["scores"])
-        row = np.concatenate([pack(a) for a in jax.tree.leaves(m)])
+        m = top_fractions(jax.tree.leaves(cl.shared["scores"]), c)
+        row = np.concatenate([pack(a > 0) for a in m])
         return cl.replace(extra={**cl.extra, name: state(cl, name).at[data.t].set(jnp.asarray(row))})
 
     return Transform(name, init=init, end_task=end_task, task_bytes=lambda cl, t: int(state(cl, name).shape[1]),
