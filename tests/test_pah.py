@@ -110,6 +110,7 @@ def test_prototype_step_moves_only_old_prototypes(built):
     (["pah.proto_input=native"], "pah.proto_input='native' needs an image backbone"),  # the MLP takes flat inputs
     (["pah.hidden=[16,0]"], "pah.hidden"),
     (["pah.bn=refresh"], "pah.bn"),
+    (["pah.task_block=0"], "pah.task_block"),
 ])
 def test_bad_settings(sets, needle):
     with pytest.raises(ValueError, match=needle):
@@ -293,3 +294,71 @@ def test_bn_batch_makes_a_prediction_depend_on_its_batch(bn):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     else:
         assert np.abs(a - b).max() > 1e-4, (a, b)
+
+
+def test_task_blocks_and_prefix_sizes():
+    from clax.transforms.generated_head import prefix_sizes, task_blocks
+    assert task_blocks(5, 2) == (2, [0, 2, 3])  # the last block overlaps its neighbour, inside the table
+    assert task_blocks(20, 4) == (4, [0, 4, 8, 12, 16])
+    assert task_blocks(2, 4) == (2, [0])        # a block never exceeds the table
+    assert prefix_sizes(20, 2) == [2, 4, 8, 16, 20] and prefix_sizes(5, 5) == [5] and prefix_sizes(3, 8) == [3]
+    with pytest.raises(ValueError, match="block"):
+        task_blocks(5, 0)
+
+
+def _step_at(block, t, perturb):
+    """post_update alone and a whole train step of pah (split-digits, 5 tasks) at task ``t``."""
+    from clax.train import Steps, TrainState, make_optimizer, trainable
+    from battery import quick_config as qc
+    cfg = qc("pah", scenario="til", sets=SETS + [f"pah.task_block={block}"])
+    bench, ctx, meth = build(cfg)
+    cl = meth.init(jax.random.PRNGKey(0))
+    for r in range(t + 1):
+        task = bench.tasks[r]
+        cl = meth.begin_task(cl, TaskData(r, task.x_train, task.targets(task.y_train, "til"), jax.random.PRNGKey(1), 32))
+    if perturb:  # the student away from the teacher (the model before task t)
+        cl = cl.replace(shared=jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.PRNGKey(5), a.shape),
+                                            cl.shared))
+    task = bench.tasks[t]
+    y = task.targets(task.y_train, "til")
+    batch = {"x": jnp.asarray(task.x_train[:32]), "y": jnp.asarray(y[:32]), "tid": jnp.full(32, t, jnp.int32)}
+    tt = jnp.int32(t)
+    post = jax.jit(meth.post_update)(cl, batch, jax.random.PRNGKey(0), tt)
+    from clax.config import train_config
+    tx = make_optimizer(train_config(cfg), meth)
+    ts = TrainState(cl, tx.init(trainable(cl, tt)), jax.random.PRNGKey(2), jnp.zeros((), jnp.int32))
+    ts, m = Steps(meth, tx, "til").train_step(ts, batch, tt)
+    return post, ts, {k: v for k, v in m.items() if k != "grad_norm"}
+
+
+@pytest.mark.parametrize("t, perturb", [(1, True), (3, True), (4, False)])
+def test_blocks_of_tasks_give_the_whole_tables_step_bit_for_bit(t, perturb):
+    """task_block=2 (the default: prefixes of 2, 4, 5 tasks in the model's pass, blocks [0, 2), [2, 4),
+    [3, 5) in the prototype step) against task_block=5 (the whole table, the computation before issue
+    17): the prototype step and the whole train step give the same bits (signs of zeros included)."""
+    whole, blocked = _step_at(5, t, perturb), _step_at(2, t, perturb)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(blocked)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_tasks_not_yet_seen_are_not_computed(built):
+    """The step's cost follows the tasks seen: prototypes of tasks after the blocks it needs never enter
+    it (NaN there leaves the step finite; over the whole masked table their NaN reached the hypernetwork's
+    gradient through 0 * NaN), and the model's rows for them are 0."""
+    bench, ctx, meth, cl, data = built
+    cl1 = meth.begin_task(cl, data)  # task 1 of 5: the blocks of tasks 0-1 are all it needs
+    cl1 = cl1.replace(shared={**cl1.shared, "protos": cl1.shared["protos"].at[2:].set(jnp.nan)})
+    batch = {"x": jnp.asarray(data.x[:32]), "y": jnp.asarray(data.y[:32]), "tid": jnp.ones(32, jnp.int32)}
+    _, aux, _ = jax.jit(meth.model.forward, static_argnums=4)(cl1, batch["x"], batch["tid"], jnp.int32(1), True,
+                                                              jax.random.PRNGKey(0))
+    assert np.all(np.isfinite(aux["outputs"][:, :2])) and np.all(np.asarray(aux["outputs"][:, 2:]) == 0)
+    from clax.train import Steps, TrainState, make_optimizer, trainable
+    from clax.config import train_config
+    tx = make_optimizer(train_config(quick_config("pah", scenario="til", sets=SETS)), meth)
+    tt = jnp.int32(1)
+    ts = TrainState(cl1, tx.init(trainable(cl1, tt)), jax.random.PRNGKey(2), jnp.zeros((), jnp.int32))
+    ts, m = Steps(meth, tx, "til").train_step(ts, batch, tt)
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    for path, leaf in jax.tree.leaves_with_path(ts.cl.shared):
+        a = np.asarray(leaf)
+        assert np.all(np.isfinite(a[:2] if "protos" in jax.tree_util.keystr(path) else a)), path

@@ -70,12 +70,14 @@ PAH_DEFAULTS = {
     "proto_lr": 1e-3,
     "proto_weight_decay": 0.01,
     "backbone_lr_scale": 0.1,
+    "task_block": 2,  # clax: tasks per block of the old-task passes (cost follows the tasks seen)
 }
 HNET_INITS = ("kaiming", "affine")
 PAH_RULES = {"proto_size": POSITIVE_INT, "proto_channels": POSITIVE_INT, "init": one_of("semantic", "random"),
              "hidden": WIDTHS, "alpha": NON_NEGATIVE, "temperature": POSITIVE, "kd_direction": one_of(*DIRECTIONS),
              "hnet_init": one_of(*HNET_INITS), "proto_input": one_of(*PROTO_INPUTS), "bn": one_of(*BN_MODES),
-             "proto_lr": POSITIVE, "proto_weight_decay": NON_NEGATIVE, "backbone_lr_scale": POSITIVE}
+             "proto_lr": POSITIVE, "proto_weight_decay": NON_NEGATIVE, "backbone_lr_scale": POSITIVE,
+             "task_block": POSITIVE_INT}
 #: one line per setting, as ``clax list pah`` prints it
 PAH_HELP = {
     "proto_size": "side of each class prototype image",
@@ -92,6 +94,7 @@ PAH_HELP = {
     "proto_lr": "learning rate of the prototype step's AdamW",
     "proto_weight_decay": "weight decay of the prototype step's AdamW",
     "backbone_lr_scale": "the backbone's learning rate as a multiple of train.lr",
+    "task_block": "tasks per block of the old-task passes; blocks not yet seen are skipped",
 }
 
 
@@ -130,12 +133,14 @@ def pah(ctx: Context, **settings) -> Method:
     hnet_init = (lambda key: {"mlp": kaiming_mlp_init(key, sizes)}) if s["hnet_init"] == "kaiming" else hn.init
 
     render = prototype.renderer(ctx, pch, native=s["proto_input"] == "native")
-    net = generated_head.model(ctx, hn, prototype.random_table(table_shape), hnet_init, bn=s["bn"], name="pah")
+    block = s["task_block"]
+    net = generated_head.model(ctx, hn, prototype.random_table(table_shape), hnet_init, bn=s["bn"], name="pah",
+                               block=block)
     own = generated_head.own_outputs(ctx, hn, render, bn=s["bn"])
     return chain(
         net,
         proto_distill.two_step(ctx, own, s["alpha"], s["temperature"], s["kd_direction"], s["proto_lr"],
-                               s["proto_weight_decay"]),
+                               s["proto_weight_decay"], block=block),
         prototype.prototypes(ctx, size, pch, s["init"]),
         lr_scale.lr_scale("shared/backbone", s["backbone_lr_scale"], name="backbone_lr"),
         name="pah")

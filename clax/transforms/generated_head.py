@@ -9,6 +9,13 @@ the features, ``aux["outputs"] [B, T, C]`` (what :meth:`Model.outputs` returns, 
 cross-entropy and an old-task distillation share one computation), and a sample's logits are its
 task's row, outputs beyond the task's classes masked.
 
+Cost that follows the tasks seen, not the stream's length (``block``): the table is preallocated for
+all ``T`` tasks, so shapes are fixed and a new task adds no compilation, but the training pass works
+over the shortest prefix of the table of ``block``, ``2 block``, ``4 block``, ... tasks
+(:func:`prefix_sizes`, one ``lax.switch``) that holds the tasks it needs (up to ``max(t, tid)``): the
+rows of ``aux["outputs"]`` after it are 0. A task's outputs do not depend on the other tasks, so the
+rows it computes are the ones the whole table gives. ``block >= T``: the whole table.
+
 BatchNorm outside the training batch's own pass (``bn``): ``"running"`` (clax's default) uses the
 running statistics, so a prediction is a function of its image alone; ``"batch"`` (the PAH authors'
 code, which never calls ``eval()``) normalises every such pass by its own batch statistics (the test
@@ -63,8 +70,64 @@ def _bias(hd):
     return hd["bias"][None] if "bias" in hd else 0.0
 
 
+def task_blocks(num_tasks: int, block: int) -> tuple[int, list[int]]:
+    """``(K, starts)``: blocks of ``K = min(block, num_tasks)`` consecutive tasks covering ``num_tasks``,
+    block ``i`` starting at ``starts[i] = min(i * K, num_tasks - K)`` (so the last block may overlap its
+    neighbour instead of running past the table).
+
+    Raises:
+      ValueError: ``block < 1``.
+    """
+    if block < 1:
+        raise ValueError(f"block must be a positive number of tasks, got {block}")
+    k = min(int(block), int(num_tasks))
+    return k, [min(i * k, num_tasks - k) for i in range(-(-num_tasks // k))]
+
+
+def block_start(num_tasks: int, k: int, i):
+    """Start of block ``i`` (traced) of :func:`task_blocks`: ``min(i * k, num_tasks - k)``."""
+    return jnp.minimum(i * k, num_tasks - k)
+
+
+def prefix_sizes(num_tasks: int, block: int) -> list[int]:
+    """The prefixes of the table the training pass may compute: ``block, 2 block, 4 block, ...``, the
+    last one ``num_tasks`` (one size, the whole table, where ``block >= num_tasks``).
+
+    Raises:
+      ValueError: ``block < 1``.
+    """
+    k, _ = task_blocks(num_tasks, block)
+    sizes = [k]
+    while sizes[-1] < num_tasks:
+        sizes.append(min(2 * sizes[-1], num_tasks))
+    return sizes
+
+
+def every_outputs(hn: Hypernet, cl, f, needed, block: int, table: str = "protos"):
+    """``[B, T, C]``: every task's generated head on the features ``f [B, D]``, computed only for the
+    shortest prefix of :func:`prefix_sizes` that holds the tasks ``< needed`` (traced); the other rows
+    are 0.
+
+    One ``lax.switch`` over the prefix sizes (forward and backward), so the cost follows ``needed``
+    (at most twice its blocks), not ``T``. With a single size it is the whole table's computation.
+    """
+    sizes = prefix_sizes(cl.shared[table].shape[0], block)
+
+    def prefix(n):
+        def run(f, tab):
+            hd = heads(hn, cl.replace(shared={**cl.shared, table: tab[:n]}), table)
+            out = jnp.einsum("bd,tdc->btc", f, hd["kernel"]) + _bias(hd)
+            return jnp.pad(out, ((0, 0), (0, tab.shape[0] - n), (0, 0)))
+        return run
+
+    if len(sizes) == 1:
+        return prefix(sizes[0])(f, cl.shared[table])
+    index = jnp.sum(jnp.asarray(sizes[:-1]) < needed)  # the first size >= needed
+    return jax.lax.switch(index, [prefix(n) for n in sizes], f, cl.shared[table])
+
+
 def model(ctx, hn: Hypernet, table_init: Callable, hnet_init: Callable, bn: str = "running",
-          table: str = "protos", name: str = "generated_head") -> Model:
+          table: str = "protos", name: str = "generated_head", block: int | None = None) -> Model:
     """The generated-head network as a :class:`clax.compose.Model` (TIL).
 
     Args:
@@ -74,7 +137,10 @@ def model(ctx, hn: Hypernet, table_init: Callable, hnet_init: Callable, bn: str 
       hnet_init: ``key -> hypernetwork params``.
       bn: ``"running"`` or ``"batch"`` (module docstring).
       table: the table's name in ``cl.shared``.
+      block: tasks per block of the training pass (module docstring); ``None``: the whole table.
     """
+    blk = ctx.num_tasks if block is None else block
+    task_blocks(ctx.num_tasks, blk)  # checks it
     cmask = jnp.asarray(ctx.task_classes >= 0)
 
     def init(key):
@@ -85,8 +151,8 @@ def model(ctx, hn: Hypernet, table_init: Callable, hnet_init: Callable, bn: str 
 
     def forward(cl, x, tid, t, train, key):
         f, state = features(ctx, cl, x, train, bn)
-        hd = heads(hn, cl, table)
-        every = jnp.einsum("bd,tdc->btc", f, hd["kernel"]) + _bias(hd)  # [B, T, C]
+        needed = jnp.maximum(t, jnp.max(tid) + 1)  # the old tasks and the batch's own
+        every = every_outputs(hn, cl, f, needed, blk, table)  # [B, T, C]
         own = jnp.take_along_axis(every, tid[:, None, None], axis=1)[:, 0]
         return jnp.where(cmask[tid], own, NEG), {"features": f, "outputs": every}, state
 

@@ -18,8 +18,15 @@ compiled step:
 ``KD_j = T^2 * mean_batch KL(...)`` at temperature ``T``, summed over the old tasks ``j < t``.
 ``direction="student_teacher"`` (the authors' ``distillation_output_loss``: ``T^2 * sum_c p_s
 log(p_s / p_t)`` with both probabilities clamped at :data:`KD_EPS`, mean over the batch) or
-``"teacher_student"`` (``KL(teacher || student)``, Hinton's direction, no clamp). The whole
-preallocated table runs with a mask ``j < t``, so shapes are fixed and a new task adds no compilation.
+``"teacher_student"`` (``KL(teacher || student)``, Hinton's direction, no clamp). The table is
+preallocated for all ``T`` tasks, so shapes are fixed and a new task adds no compilation; its cost
+follows the tasks seen, not ``T`` (``block``): the prototype step runs (one ``lax.switch``) over the
+shortest prefix of ``block``, ``2 block``, ``4 block``, ... tasks
+(:func:`clax.transforms.generated_head.prefix_sizes`) that holds the old tasks, the gradient of the
+rows after it 0, as with the mask ``j < t`` over the whole table (a task's KD depends on its own
+prototypes only); step 1's old heads come from the model's pass over such a prefix
+(:func:`clax.transforms.generated_head.every_outputs`). A step is bit for bit the whole table's on
+the CPU (tested); see :mod:`clax.methods.pah` for a whole run.
 
 Where clax differs from the authors' code: their prototype step also steps with the gradient left
 over from step 1 (``opt_prototypes`` is not zeroed between the two backward passes); here step 2
@@ -37,6 +44,7 @@ import optax
 
 from clax.compose import Transform, state, with_state
 from clax.transforms.distill import kd_loss, snapshot, with_snapshot
+from clax.transforms.generated_head import prefix_sizes
 
 #: the authors' KL_divergence clamps both probabilities at this value (only with direction=student_teacher)
 KD_EPS = 1e-10
@@ -60,7 +68,7 @@ def old_task_kd(student, teacher, t, mask, temperature: float = 2.0, direction: 
 
 def two_step(ctx, own: Callable, alpha: float = 0.5, temperature: float = 2.0,
              direction: str = "student_teacher", lr: float = 1e-3, weight_decay: float = 0.01,
-             table: str = "protos", name: str = "proto_distill") -> Transform:
+             table: str = "protos", name: str = "proto_distill", block: int | None = None) -> Transform:
     """The two-step distillation (module docstring) as a :class:`clax.compose.Transform` (TIL).
 
     Args:
@@ -70,12 +78,15 @@ def two_step(ctx, own: Callable, alpha: float = 0.5, temperature: float = 2.0,
       temperature, direction: of the KD (the clamp :data:`KD_EPS` goes with ``"student_teacher"``).
       lr, weight_decay: the prototype step's AdamW.
       table: the prototype table's name in ``cl.shared``.
+      block: tasks per block of the prototype step (module docstring); ``None``: the whole table at once.
 
     State ``cl.extra[name] = {"teacher": snapshot, "opt": AdamW state of the table}``.
     """
     cmask = jnp.asarray(ctx.task_classes >= 0)
     eps = KD_EPS if direction == "student_teacher" else 0.0
     ptx = optax.adamw(lr, weight_decay=weight_decay)
+    T = ctx.num_tasks
+    sizes = prefix_sizes(T, T if block is None else block)
 
     def kd(student, teacher, t):
         return old_task_kd(student, teacher, t, cmask, temperature, direction, eps)
@@ -93,16 +104,34 @@ def two_step(ctx, own: Callable, alpha: float = 0.5, temperature: float = 2.0,
         term = kd(view.model.outputs(cl, view.aux), t_all, t)
         return alpha * term, {"kd": term}
 
+    def proto_grad(cl, teacher, t):
+        """The prototype step's gradient for the whole table, over the shortest prefix that holds the
+        old tasks (the rows after it: 0)."""
+        frozen = jax.lax.stop_gradient(cl.shared)
+        old = cl.shared[table]
+
+        def prefix(n):
+            def run(old, t_tab):
+                t_own = jax.lax.stop_gradient(own(teacher.replace(shared={**teacher.shared, table: t_tab[:n]})))
+
+                def proto_loss(protos):
+                    student = own(cl.replace(shared={**frozen, table: protos}))
+                    return old_task_kd(student, t_own, t, cmask[:n], temperature, direction, eps)
+
+                g = jax.grad(proto_loss)(old[:n])
+                return jnp.pad(g, ((0, T - n),) + ((0, 0),) * (g.ndim - 1))
+            return run
+
+        if len(sizes) == 1:
+            return prefix(T)(old, teacher.shared[table])
+        index = jnp.sum(jnp.asarray(sizes[:-1]) < t)  # the first prefix that holds tasks 0..t-1
+        return jax.lax.switch(index, [prefix(n) for n in sizes], old, teacher.shared[table])
+
     def post_update(cl, batch, key, t):
         st = state(cl, name)
-        t_own = jax.lax.stop_gradient(own(with_snapshot(cl, st["teacher"])))
-        frozen = jax.lax.stop_gradient(cl.shared)
-
-        def proto_loss(protos):
-            return kd(own(cl.replace(shared={**frozen, table: protos})), t_own, t)
-
         old = cl.shared[table]
-        upd, opt = ptx.update(jax.grad(proto_loss)(old), st["opt"], old)
+        grad = proto_grad(cl, with_snapshot(cl, st["teacher"]), t)
+        upd, opt = ptx.update(grad, st["opt"], old)
         new = jnp.where((jnp.arange(old.shape[0]) < t).reshape((-1,) + (1,) * (old.ndim - 1)),
                         optax.apply_updates(old, upd), old)
         return with_state(cl.replace(shared={**cl.shared, table: new}), name, {**st, "opt": opt})
