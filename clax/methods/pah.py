@@ -38,8 +38,15 @@ optimizer's state per task): :mod:`clax.transforms.proto_distill`. Their AdamW g
 ``"weight_decay "`` (a trailing space, ignored), so every group decays at PyTorch's default 0.01:
 ``train.weight_decay=0.01`` (registry) and ``proto_weight_decay=0.01`` match that, the backbone's
 decay, like its rate, ``backbone_lr_scale`` times the others' (as the authors' group with
-``lr=1e-4``). The step time grows with ``t`` only through the work (the old heads and ``t * C``
-prototype images over the fixed-shape table), see BENCHMARKS.md. TIL only.
+``lr=1e-4``). The step's cost follows the tasks seen, not the stream's length ``T``
+(``task_block``, clax's, default 2): the table is preallocated for all ``T`` tasks (fixed shapes, no
+compilation at a new task), but the model's pass and the prototype step run over the shortest prefix
+of ``task_block``, ``2 task_block``, ``4 task_block``, ... tasks that holds the old tasks and the
+current one (one ``lax.switch``, at most twice the tasks seen), not over the whole masked table:
+``benchmarks/pah_step.py``. A step gives the whole table's bits (``task_block >= T``, the computation
+before issue 17; tested at ``task_block=2``); a whole split-digits run's parameters differ in the last
+bits, its accuracy matrix is the same. ``task_block=1`` is allowed but a one-task prefix runs one-row
+matrix products that round differently. TIL only.
 """
 from __future__ import annotations
 

@@ -84,11 +84,6 @@ def task_blocks(num_tasks: int, block: int) -> tuple[int, list[int]]:
     return k, [min(i * k, num_tasks - k) for i in range(-(-num_tasks // k))]
 
 
-def block_start(num_tasks: int, k: int, i):
-    """Start of block ``i`` (traced) of :func:`task_blocks`: ``min(i * k, num_tasks - k)``."""
-    return jnp.minimum(i * k, num_tasks - k)
-
-
 def prefix_sizes(num_tasks: int, block: int) -> list[int]:
     """The prefixes of the table the training pass may compute: ``block, 2 block, 4 block, ...``, the
     last one ``num_tasks`` (one size, the whole table, where ``block >= num_tasks``).
