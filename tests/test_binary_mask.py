@@ -65,6 +65,16 @@ def test_kth_largest_is_the_sorted_value_for_every_k():
     for x in [np.abs(rng.normal(size=37)).astype(np.float32), np.abs(rng.integers(0, 4, size=37)).astype(np.float32)]:
         got = jax.jit(lambda a: kth_largest([a] * 37, list(range(1, 38))))(jnp.asarray(x))
         np.testing.assert_array_equal(np.array(got), np.sort(x)[::-1])
+    # random k over scores of several kinds: uniform (WSN's initialisation), normal, ties, heavy tails
+    # across many binades, half zeros; every size from 1 entry up
+    f = jax.jit(lambda a, k: kth_largest([a], [k])[0], static_argnums=1)
+    for trial in range(120):
+        n = int(rng.choice([1, 2, 3, 7, 100, 4096, 20000]))
+        x = [rng.uniform(-0.06, 0.06, n), rng.normal(size=n), rng.integers(-3, 4, n), np.exp(10 * rng.normal(size=n)),
+             rng.standard_cauchy(n) * (rng.random(n) < 0.5)][trial % 5]
+        a = np.abs(x.astype(np.float32))
+        k = int(rng.integers(1, n + 1)) if trial % 2 else max(1, n // 2)
+        assert np.float32(f(jnp.asarray(a), k)) == np.sort(a)[::-1][k - 1], (trial, n, k)
     with pytest.raises(ValueError, match="k must be in"):
         kth_largest([jnp.ones(3)], [4])
 
