@@ -7,6 +7,10 @@ the same run (the registry's defaults: same epochs, batch, lr) and reports ``tim
 
     python benchmarks/isolation_step.py                              # MLP [256, 256], batch 32
     python benchmarks/isolation_step.py --backbone resnet18 --nf 8   # reduced ResNet-18, batch 32
+    python benchmarks/isolation_step.py --rounds 3 --no-total        # plain/wsn/ibm interleaved 3 times
+
+With ``--rounds R`` each step is timed R times, the methods interleaved (plain, wsn, ibm, plain, ...), and
+the medians are reported: on a shared, noisy CPU the ratio is then taken over the same stretch of time.
 """
 from __future__ import annotations
 
@@ -50,15 +54,22 @@ def main(argv=None):
     p.add_argument("--nf", type=int, default=8)
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--rounds", type=int, default=1, help="time every step this many times, interleaved; medians")
+    p.add_argument("--no-total", action="store_true", help="skip the total training time (MLP)")
     a = p.parse_args(argv)
-    base = step_time("finetune", a.backbone, a.nf, a.iters)
-    print(f"backbone {a.backbone}{'' if a.backbone == 'mlp' else f' nf={a.nf}'}, batch 32, median of {a.iters} steps")
+    times = {m: [] for m in ("finetune", "wsn", "ibm")}
+    for _ in range(a.rounds):
+        for m in times:
+            times[m].append(step_time(m, a.backbone, a.nf, a.iters))
+    med = {m: float(np.median(v)) for m, v in times.items()}
+    base = med["finetune"]
+    print(f"backbone {a.backbone}{'' if a.backbone == 'mlp' else f' nf={a.nf}'}, batch 32, median of {a.iters} steps"
+          f"{f', median of {a.rounds} interleaved rounds' if a.rounds > 1 else ''}")
     print(f"{'step':>10} {'ms':>8} {'x plain':>8}")
     print(f"{'plain':>10} {base * 1e3:8.2f} {1.0:8.2f}")
     for m in ("wsn", "ibm"):
-        s = step_time(m, a.backbone, a.nf, a.iters)
-        print(f"{m:>10} {s * 1e3:8.2f} {s / base:8.2f}")
-    if a.backbone == "mlp":
+        print(f"{m:>10} {med[m] * 1e3:8.2f} {med[m] / base:8.2f}")
+    if a.backbone == "mlp" and not a.no_total:
         tot = {m: [total_time(m, s) for s in a.seeds] for m in ("wsn", "ibm")}
         mean = {m: float(np.mean([r["train_s"] for r in v])) for m, v in tot.items()}
         print(f"total training, split-digits, registry defaults ({tot['ibm'][0]['epochs']} epochs/task), "
