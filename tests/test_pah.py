@@ -274,8 +274,8 @@ def test_prototype_pass_input_and_statistics(proto_input, side, bn):
     batch = {"x": jnp.zeros((4, 32, 32, 3)), "y": jnp.zeros(4, jnp.int32), "tid": jnp.ones(4, jnp.int32)}
     seen.clear()
     jax.eval_shape(meth.post_update, cl, batch, jax.random.PRNGKey(0), jnp.int32(1))
-    if bn == "running":  # every task's 2 prototypes, 3 channels, one eval-mode pass
-        assert set(seen) == {((5 * 2, side, side, 3), False)}, seen
+    if bn == "running":  # the prefixes' (2, 4, 5 tasks) 2 prototypes, 3 channels, one eval-mode pass each
+        assert set(seen) == {((n * 2, side, side, 3), False) for n in (2, 4, 5)}, seen
     else:  # one pass per task (vmapped: the traced shape is one task's), batch statistics
         assert set(seen) == {((2, side, side, 3), True)}, seen
 
