@@ -14,12 +14,15 @@ from clax.train import Steps, TrainConfig, TrainState, make_optimizer, trainable
 
 
 def train_step_seconds(method: Method, bench: Benchmark, t: int = 0, iters: int = 20, batch_size: int = 32,
-                       warmup: int = 3, begin_task: bool = False, cfg: TrainConfig | None = None) -> float:
+                       warmup: int = 3, begin_task: bool = False, cfg: TrainConfig | None = None,
+                       mesh=None) -> float:
     """Median seconds of ``iters`` calls of the compiled train step of ``method`` on one TIL batch of
     task ``t`` of ``bench`` (after ``warmup`` calls, which include the compilation).
 
     With ``begin_task`` the method's ``begin_task`` hook runs first on task ``t``'s training data (as
-    the trainer does), e.g. for methods that build per-task state there.
+    the trainer does), e.g. for methods that build per-task state there. With ``mesh`` (a
+    :mod:`clax.mesh` mesh) the state is laid out on it and the batch split along its data axis, as
+    :func:`clax.train.fit` does.
     """
     cfg = cfg or TrainConfig(batch_size=batch_size, lr=1e-3)
     tx = make_optimizer(cfg, method)
@@ -33,6 +36,12 @@ def train_step_seconds(method: Method, bench: Benchmark, t: int = 0, iters: int 
     ts = TrainState(cl, tx.init(trainable(cl, tt)), jax.random.PRNGKey(2), jnp.zeros((), jnp.int32))
     idx = np.resize(np.arange(len(y)), batch_size)
     batch = {"x": jnp.asarray(task.x_train[idx]), "y": jnp.asarray(y[idx]), "tid": jnp.full(batch_size, t, jnp.int32)}
+    if mesh is not None:
+        from clax import mesh as M
+
+        layout = M.state_sharding(ts, mesh)
+        steps.shard(layout)
+        ts, batch = M.place(ts, layout), M.put_batch(jax.device_get(batch), mesh)
     for _ in range(warmup):
         ts, _ = steps.train_step(ts, batch, tt)
     jax.block_until_ready(ts)

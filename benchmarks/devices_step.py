@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -23,43 +21,21 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 def step_seconds(n: int, backbone: str, nf: int, iters: int, batch: int) -> float:
     """Median seconds of the compiled finetune step with the batch split over ``n`` devices."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     from clax import mesh as M
     from clax.config import apply_overrides, default_config, train_config
     from clax.runner import build
-    from clax.train import Steps, TrainState, make_optimizer, trainable
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _timing import train_step_seconds
 
     cfg = default_config("finetune")
     cfg["train"]["batch_size"] = batch
     if backbone != "mlp":
         cfg = apply_overrides(cfg, [f"backbone.name={backbone}", f"backbone.nf={nf}"])
-    bench, ctx, meth = build(cfg)
-    tc = train_config(cfg)
-    mesh = M.make_mesh(n, 1, jax.devices()[:n])
-    tx = make_optimizer(tc, meth)
-    steps = Steps(meth, tx, "til")
-    cl = meth.init(jax.random.PRNGKey(0))
-    ts = TrainState(cl, tx.init(trainable(cl, 0)), jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
-    layout = M.state_sharding(ts, mesh)
-    steps.shard(layout)
-    ts = M.place(ts, layout)
-    task = bench.tasks[0]
-    idx = np.resize(np.arange(len(task.y_train)), batch)
-    b = M.put_batch({"x": task.x_train[idx], "y": task.targets(task.y_train, "til")[idx].astype(np.int32),
-                     "tid": np.zeros(batch, np.int32)}, mesh)
-    t = jnp.int32(0)
-    for _ in range(3):
-        ts, _ = steps.train_step(ts, b, t)
-    jax.block_until_ready(ts)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        ts, _ = steps.train_step(ts, b, t)
-        jax.block_until_ready(ts)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    bench, _, meth = build(cfg)
+    return train_step_seconds(meth, bench, iters=iters, batch_size=batch, cfg=train_config(cfg),
+                              mesh=M.make_mesh(n, 1, jax.devices()[:n]))
 
 
 def main(argv=None):

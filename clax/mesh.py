@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from clax.partition import tree_paths
+
 #: the ``mesh`` config section: ``data`` (0: every device not used by ``model``), ``model`` (devices a large
 #: leaf is split over), ``shard_min_size`` (values from which a leaf is split over ``model``), ``shard`` (a
 #: regular expression over the state's partition paths, e.g. ``per_task/.*mask``: leaves it selects are
@@ -140,28 +142,17 @@ def leaf_spec(shape, model: int, min_size: int) -> P:
     return P()
 
 
-def leaf_paths(tree: Any) -> list[str]:
-    """The ``/``-joined path of every leaf of ``tree`` as the partition rules name them
-    (``cl/per_task/masks/...``, ``opt_state/0/mu/shared/...``)."""
-    def name(k):
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                return str(getattr(k, attr))
-        return str(k)
-    return ["/".join(name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def state_sharding(tree: Any, mesh: Mesh, min_size: int = MESH_DEFAULTS["shard_min_size"], shard: str = "") -> Any:
     """The :class:`NamedSharding` of every leaf of ``tree`` (a TrainState or any pytree of arrays):
     replicated, or split over ``model`` (:func:`leaf_spec`) where the leaf has at least ``min_size``
-    values or its path (:func:`leaf_paths`) matches the regular expression ``shard`` (searched)."""
+    values or its path (:func:`clax.partition.tree_paths`) matches the regular expression ``shard`` (searched)."""
     import re
 
     model = mesh.shape["model"]
     rx = re.compile(shard) if shard else None
     leaves, treedef = jax.tree.flatten(tree)
     out = [NamedSharding(mesh, leaf_spec(np.shape(a), model, 1 if rx and rx.search(p) else min_size))
-           for a, p in zip(leaves, leaf_paths(tree))]
+           for a, p in zip(leaves, tree_paths(tree))]
     return jax.tree.unflatten(treedef, out)
 
 

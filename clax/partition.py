@@ -39,6 +39,19 @@ def paths(tree: PyTree) -> list[str]:
     return ["/".join(map(str, k)) for k in flatten_dict(tree)] if tree else []
 
 
+def tree_paths(tree: PyTree) -> list[str]:
+    """The ``/``-joined path of every leaf of any pytree in leaf order (``shared/backbone/Dense_0/kernel``,
+    ``cl/per_task/head/kernel``, ``opt_state/0/mu/...``): the names that ``train.lr_scales`` and
+    ``mesh.shard`` patterns match."""
+    def name(k):
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    return ["/".join(name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def _matcher(rule: str | Callable[[str], bool]) -> Callable[[str], bool]:
     if callable(rule):
         return rule

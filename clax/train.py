@@ -201,16 +201,8 @@ def parse_lr_scales(items, setting: str = "train.lr_scales") -> list[tuple[str, 
     return out
 
 
-def tree_paths(tree) -> list[str]:
-    """The ``/``-joined path of every leaf of ``tree`` in leaf order (``shared/backbone/Dense_0/kernel``,
-    ``shared/hnet/mlp/0/kernel``): the names that :attr:`TrainConfig.lr_scales` patterns match."""
-    def name(k):
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                return str(getattr(k, attr))
-        return str(k)
-
-    return ["/".join(name(k) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+#: the ``/``-joined path of every leaf (:func:`clax.partition.tree_paths`): what ``lr_scales`` patterns match
+tree_paths = P.tree_paths
 
 
 def lr_scale_transform(rules) -> optax.GradientTransformation:
