@@ -15,7 +15,8 @@ import json
 import os
 from typing import Any, Iterable
 
-from clax.data import BENCHMARKS, SCENARIOS
+from clax.data import BENCHMARKS, SCENARIOS, is_reference
+from clax.data.pipeline import DATA_DEFAULTS, benchmark_kwargs, data_kwargs
 from clax.mesh import MESH_DEFAULTS
 from clax.methods import METHODS, check_method_settings, check_scenario_of, method_settings, parts, spec_of
 from clax.models import BACKBONES, check_backbone_settings
@@ -77,6 +78,7 @@ def default_config(method: str = "finetune", benchmark: str = "split-digits") ->
         "scenario": spec.scenarios[0],
         "seed": 0,
         "data_dir": "",  # where real data sets live (image folders, TFDS data dir); see clax.data
+        "data": dict(DATA_DEFAULTS),  # image size, normalisation, augmentation, class order, images per class
         "train": {k: v for k, v in dataclasses.asdict(TrainConfig()).items() if k != "seed"} | spec.train,
         "backbone": {"name": bb, **copy.deepcopy(BACKBONES[bb][1]), **copy.deepcopy(spec.backbone_settings)},
         **({method: copy.deepcopy(spec.defaults)} if "+" not in method else copy.deepcopy(spec.defaults)),
@@ -222,6 +224,26 @@ def check_mesh(cfg: dict) -> None:
         raise ConfigError(str(e)) from None
 
 
+def check_data(cfg: dict) -> None:
+    """Checks the ``data`` section (:data:`clax.data.pipeline.DATA_DEFAULTS`) where ``cfg`` has one (older
+    configs lack it), and that the benchmark takes every setting away from its default.
+
+    Raises:
+      ConfigError: naming ``data.<key>``, its value and the valid ones.
+    """
+    if "data" not in cfg:
+        return
+    if not isinstance(cfg["data"], dict):
+        raise ConfigError(f"data must be a section of settings ({', '.join(DATA_DEFAULTS)}), got {cfg['data']!r}")
+    try:
+        if is_reference(cfg["benchmark"]):
+            data_kwargs(cfg["data"])
+        else:
+            benchmark_kwargs(BENCHMARKS[cfg["benchmark"]], {"data": cfg["data"]}, cfg["benchmark"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def validate(cfg: dict) -> None:
     """Checks every setting of ``cfg``: the names, ``seed`` (an integer >= 0), the ``train`` section
     (:class:`~clax.train.TrainConfig`), ``checkpoint`` (``keep >= 1``, ``every_steps >= 0``), the
@@ -242,6 +264,7 @@ def validate(cfg: dict) -> None:
         check_scenario_of(cfg["method"], cfg["scenario"])
         if not isinstance(cfg.get("data_dir", ""), str):
             raise ConfigError(f"data_dir must be a string, got {cfg['data_dir']!r}")
+        check_data(cfg)
         train_config(cfg)
         sec = cfg.get("checkpoint", {})
         for k, rule in CHECKPOINT_RULES.items():

@@ -110,7 +110,7 @@ def build(cfg: dict):
     from clax.data.pipeline import benchmark_kwargs
 
     bench = get_benchmark(cfg["benchmark"], seed=cfg["seed"], view=backbone_view(name),
-                          **benchmark_kwargs(BENCHMARKS[cfg["benchmark"]], cfg))
+                          **benchmark_kwargs(BENCHMARKS[cfg["benchmark"]], cfg, cfg["benchmark"]))
     backbone = get_backbone(name, bench.input_shape, **bb)
     ctx = make_context(backbone, bench, cfg["scenario"])
     method = get_method(cfg["method"], ctx, **method_settings(cfg))

@@ -67,3 +67,29 @@ def test_eval_batches_pad_with_the_batch_own_samples_and_mask_them():
     np.testing.assert_array_equal(last["x"], x[[4, 4, 4, 4]])  # one real sample, repeated: no zeros
     np.testing.assert_array_equal(last["w"], [1, 0, 0, 0])
     assert sum(float(b["w"].sum()) for b in batches) == 5
+
+
+def test_data_section_maps_to_benchmark_arguments_and_refuses_what_a_benchmark_lacks():
+    """The config's ``data`` section: defaults pass nothing; other values become factory arguments; a
+    setting the benchmark does not take, an unknown key or value is a ConfigError naming ``data.<key>``."""
+    import pytest as _pytest
+
+    from clax.config import ConfigError, apply_overrides, default_config, validate
+    from clax.data.pipeline import CIFAR_MEAN, DATA_DEFAULTS, class_order, data_kwargs
+
+    assert data_kwargs(dict(DATA_DEFAULTS)) == {}
+    kw = data_kwargs({**DATA_DEFAULTS, "normalize": "none", "augment": "off", "image_size": 224,
+                      "class_order": "natural", "per_class": 7})
+    assert kw == {"mean": None, "std": None, "augment": False, "image_size": 224, "class_order": "natural",
+                  "per_class": 7}
+    assert data_kwargs({"normalize": "cifar"})["mean"] == CIFAR_MEAN
+    assert class_order(6, 3, 5, "x", "natural") == [[0, 1], [2, 3], [4, 5]]
+    assert sorted(sum(class_order(6, 3, 5, "x"), [])) == list(range(6))
+    for bad, words in ((["data.class_order=natural"], "not a setting of benchmark 'split-digits'"),
+                       (["data.augment=maybe"], "valid: default, on, off")):
+        with _pytest.raises(ConfigError, match=words):
+            validate(apply_overrides(default_config("finetune"), bad))
+    with _pytest.raises(ConfigError, match="data.image_size must be an integer"):
+        validate({**default_config("finetune"), "data": {**DATA_DEFAULTS, "image_size": -1}})
+    with _pytest.raises(ConfigError, match="unknown setting data.size"):
+        validate({**default_config("finetune"), "data": {"size": 3}})

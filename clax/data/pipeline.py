@@ -354,10 +354,15 @@ def split_by_class(name: str, train: ImageSource, y_train, test: ImageSource, y_
                      tuple(class_names) if class_names is not None else None)
 
 
-def class_order(num_classes: int, num_tasks: int, seed: int, name: str) -> list[list[int]]:
-    """A seed-drawn permutation of ``num_classes`` classes cut into ``num_tasks`` equal tasks."""
+def class_order(num_classes: int, num_tasks: int, seed: int, name: str, kind: str = "seeded") -> list[list[int]]:
+    """``num_classes`` classes cut into ``num_tasks`` equal tasks: a seed-drawn permutation (``kind="seeded"``)
+    or the data set's label order 0, 1, ... (``"natural"``, the config's ``data.class_order``)."""
     if num_tasks < 1 or num_classes % num_tasks:
         raise ValueError(f"{name}: num_tasks={num_tasks} does not divide its {num_classes} classes")
+    if kind == "natural":
+        return np.arange(num_classes).reshape(num_tasks, -1).tolist()
+    if kind != "seeded":
+        raise ValueError(f"{name}: class_order={kind!r} is not valid; valid: seeded, natural")
     return np.random.default_rng(seed).permutation(num_classes).reshape(num_tasks, -1).tolist()
 
 
@@ -376,16 +381,73 @@ def make_preprocess(view: str, native_size: int, channels: int, image_size: int 
     return train, test
 
 
-def benchmark_kwargs(factory: Callable, cfg: dict) -> dict:
-    """The keyword arguments of ``cfg`` (``data_dir``, per-backbone preprocessing) that ``factory`` takes."""
+#: the config's ``data`` section: how a benchmark's images reach the network, where a protocol needs it
+#: (``clax.config``; every value here leaves the benchmark's own default). ``image_size`` (0: the benchmark's
+#: or backbone's size), ``normalize`` (``default``, ``none`` for [0, 1] pixels, ``cifar``, ``imagenet``,
+#: ``half`` for [-1, 1]), ``augment`` (``default``, ``on``, ``off``: the CIFAR-style crop and flip of training
+#: images), ``class_order`` (``seeded``: a permutation drawn from the run's seed; ``natural``: the data set's
+#: label order), ``per_class`` (0: every training image; N: at most N training images of each class).
+DATA_DEFAULTS = {"image_size": 0, "normalize": "default", "augment": "default", "class_order": "seeded",
+                 "per_class": 0}
+DATA_CHOICES = {"normalize": ("default", "none", "cifar", "imagenet", "half"), "augment": ("default", "on", "off"),
+                "class_order": ("seeded", "natural")}
+_NORMALIZE = {"none": (None, None), "cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+              "half": (HALF, HALF)}
+
+
+def data_kwargs(data: dict) -> dict:
+    """The benchmark keyword arguments of a config's ``data`` section (:data:`DATA_DEFAULTS`): only the
+    settings that differ from their defaults, as factory arguments (``image_size``, ``mean``/``std``,
+    ``augment``, ``class_order``, ``per_class``).
+
+    Raises:
+      ValueError: an unknown key or value, naming ``data.<key>`` and the valid ones.
+    """
+    out = {}
+    for k, v in (data or {}).items():
+        if k not in DATA_DEFAULTS:
+            raise ValueError(f"unknown setting data.{k}; valid: {', '.join(DATA_DEFAULTS)}")
+        if k in DATA_CHOICES and v not in DATA_CHOICES[k]:
+            raise ValueError(f"data.{k}={v!r} is not valid; valid: {', '.join(DATA_CHOICES[k])}")
+        if k in ("image_size", "per_class") and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"data.{k} must be an integer >= 0 (0: the default), got {v!r}")
+        if v == DATA_DEFAULTS[k]:
+            continue
+        if k == "normalize":
+            out["mean"], out["std"] = _NORMALIZE[v]
+        elif k == "augment":
+            out["augment"] = v == "on"
+        else:
+            out[k] = v
+    return out
+
+
+def benchmark_kwargs(factory: Callable, cfg: dict, name: str = "") -> dict:
+    """The keyword arguments of ``cfg`` (``data_dir``, per-backbone preprocessing, the ``data`` section)
+    that ``factory`` takes.
+
+    Raises:
+      ValueError: a ``data`` setting away from its default that the benchmark ``name`` does not take,
+        naming the setting and the ones it takes.
+    """
     import inspect
 
     bb = dict(cfg.get("backbone", {}))
-    name = bb.pop("name", "")
-    kw = dict(preprocessing_for(name, bb))
+    bname = bb.pop("name", "")
+    kw = dict(preprocessing_for(bname, bb))
     if cfg.get("data_dir"):
         kw["data_dir"] = cfg["data_dir"]
     params = inspect.signature(factory).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    data = data_kwargs(cfg.get("data", {}))
+    for k in data:
+        if not takes_any and k not in params:
+            setting = {"mean": "normalize", "std": "normalize"}.get(k, k)
+            valid = [d for d, arg in (("image_size", "image_size"), ("normalize", "mean"), ("augment", "augment"),
+                                      ("class_order", "class_order"), ("per_class", "per_class")) if arg in params]
+            raise ValueError(f"data.{setting} is not a setting of benchmark {name or factory.__name__!r}"
+                             f" (its data settings: {', '.join(valid) or 'none'})")
+    kw.update(data)
+    if takes_any:
         return kw
     return {k: v for k, v in kw.items() if k in params}
