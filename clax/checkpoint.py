@@ -6,13 +6,16 @@ global train step). Each checkpoint has three items:
 * ``state``: the :class:`~clax.train.TrainState` as a nested dict
   (:func:`flax.serialization.to_state_dict`: method state in its partitions, optimizer state, RNG key,
   step), the accuracy matrix so far, the initial accuracies, ``task`` (the last finished task, -1 if
-  none) and ``task_key`` (the current task's hook key);
+  none), ``task_key`` (the current task's hook key) and, inside a task with ``train.restore_best``,
+  ``best_cl`` (the method state of the task's best-validation epoch so far);
 * ``config``: the run's config (JSON);
 * ``meta``: JSON with the clax version, ``task`` (the task the checkpoint belongs to), ``task_end``
   (whether it was written at the end of that task, after ``end_task`` and the evaluation),
   ``tasks_done``, ``task_step`` (steps taken inside task ``tasks_done``; at an epoch's last step the
   checkpoint comes after that epoch's ``end_epoch`` hook and metrics row), timing so far, the current
-  epoch's metrics so far (``epoch_metrics``: every metric's per-step values, by name), the metrics
+  epoch's metrics so far (``epoch_metrics``: every metric's per-step values, by name), inside a task
+  with ``train.val_fraction`` its validation state (``val``: the plateau's rate, patience count, best
+  value and epoch, stop), the finished tasks' training records (``task_records``), the metrics
   rows and a CRC-32 of every array of ``state``, so that a corrupted
   checkpoint is recognised even where Orbax reads it.
 
@@ -169,6 +172,8 @@ def save_progress(mngr: ocp.CheckpointManager, train_state: Any, progress: Any, 
         else np.asarray(b, np.float64),
         "task": np.asarray(progress.tasks_done - 1, np.int32),
         "task_key": np.zeros_like(key) if progress.task_key is None else np.asarray(progress.task_key),
+        **({} if getattr(progress, "best_cl", None) is None else
+           {"best_cl": serialization.to_state_dict(progress.best_cl)}),
     })
     task_end = int(progress.task_step) == 0 and int(progress.tasks_done) > 0
     meta = {
@@ -184,6 +189,9 @@ def save_progress(mngr: ocp.CheckpointManager, train_state: Any, progress: Any, 
         "steps": int(progress.steps),
         "compiles_after_task": [int(c) for c in progress.compiles_after_task],
         "epoch_metrics": {k: [float(v) for v in vs] for k, vs in progress.epoch_metrics.items()},
+        **({} if getattr(progress, "val", None) is None else {"val": dict(progress.val)}),
+        **({"task_records": [dict(r) for r in progress.task_records]} if getattr(progress, "task_records", None)
+           else {}),
         "rows": [dict(r) for r in (rows or [])],
         "checksum": checksum(item),
     }
@@ -384,7 +392,10 @@ def progress_from(state: dict, meta: dict) -> Any:
         init_accuracy=b if meta.get("has_init_accuracy", True) else None, train_s=float(meta["train_s"]), steps=int(meta["steps"]),
         compiles_after_task=list(meta.get("compiles_after_task", [])),
         task_key=jnp.asarray(state["task_key"]) if int(meta["task_step"]) else None,
-        epoch_metrics=_epoch_metrics(meta))
+        epoch_metrics=_epoch_metrics(meta),
+        val=dict(meta["val"]) if meta.get("val") is not None and int(meta["task_step"]) else None,
+        best_cl=state.get("best_cl") if int(meta["task_step"]) else None,  # raw: load_resume makes it a CLState
+        task_records=[dict(r) for r in meta.get("task_records", [])])
 
 
 def _epoch_metrics(meta: dict) -> dict:
@@ -396,13 +407,18 @@ def _epoch_metrics(meta: dict) -> dict:
     return {"loss": [float(v) for v in losses]} if losses else {}
 
 
+#: ``train`` settings added after workdirs were first written, with the value an older config means
+TRAIN_ADDED = {"val_fraction": 0.0, "val_metric": "loss", "early_stop": 0, "restore_best": False}
+
+
 def load_resume(workdir: str, config: dict, method, tx,
                 say: Callable[[str], None] = _say) -> Optional[tuple[Any, Any, list]]:
     """``(train_state, progress, metrics rows)`` to resume the run of ``config`` in ``workdir``, or None
     when the workdir holds no intact checkpoint.
 
     A config saved before ``train.lr_scales`` existed (issue 13) reads as ``lr_scales=[]``, except for a
-    method with its own scales (PAH), whose state then stored its backbone divided by its scale.
+    method with its own scales (PAH), whose state then stored its backbone divided by its scale. One
+    saved before the validation settings (issue 15) reads as their defaults (:data:`TRAIN_ADDED`).
 
     Raises:
       ValueError: the workdir's checkpoint was written with a different config (the message names the
@@ -419,10 +435,15 @@ def load_resume(workdir: str, config: dict, method, tx,
                              f"learning rates (its backbone stored divided by its rate scale); rerun with --fresh "
                              f"to move it aside and start over, or use another --workdir")
         saved = {**saved, "train": {**saved["train"], "lr_scales": []}}
+    if isinstance(saved.get("train"), dict):  # settings added later: absent means the default
+        saved = {**saved, "train": {**TRAIN_ADDED, **saved["train"]}}
     diff = config_diff(saved, config)
     if diff:
         raise ValueError(f"{os.path.normpath(workdir)} holds a run with a different config ("
                          f"{'; '.join(diff)}); rerun with --fresh to move it aside and start over, or "
                          f"use another --workdir")
     ts = restore_train_state(state["train_state"], method, tx)
-    return ts, progress_from(state, meta), list(meta.get("rows", []))
+    progress = progress_from(state, meta)
+    if progress.best_cl is not None:  # the best epoch's method state: same structure as the state's
+        progress.best_cl = restore_train_state({**state["train_state"], "cl": state["best_cl"]}, method, tx).cl
+    return ts, progress, list(meta.get("rows", []))

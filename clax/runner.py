@@ -5,7 +5,8 @@ A workdir receives ``results.json``, ``metrics.csv`` (a row per task and epoch, 
 order (e.g. ``ce, kl`` for ibm, ``ce, reg`` for hnet, ``ce, kd`` for lwf), ``lr`` (the epoch's learning
 rate, :func:`clax.train.lr_at`; per-partition ``train.lr_scales`` multiply it), ``grad_norm`` (the
 global norm of the gradient the optimizer receives, after the method's update mask) and ``seconds``;
-each value but ``lr`` and ``seconds`` is the mean over the epoch's steps), ``accuracy_matrix.png`` and
+each value but ``lr`` and ``seconds`` is the mean over the epoch's steps; with ``train.val_fraction > 0``
+also ``val_loss`` and ``val_acc`` before ``lr``), ``accuracy_matrix.png`` and
 ``checkpoints/`` (Orbax, one per finished task); the frozen-backbone methods cache their pretraining in
 ``pretrain/``. Each file is written atomically and the workdir is locked while a run uses it
 (``.clax.lock``, see :mod:`clax.workdir`).
@@ -24,12 +25,12 @@ from clax import checkpoint as ckpt
 from clax import mesh as M
 from clax.mesh import MESH_DEFAULTS
 from clax import workdir as wd
-from clax.config import check_workdir, train_config, validate
+from clax.config import ConfigError, check_workdir, train_config, validate
 from clax.data import BENCHMARKS, get_benchmark
 from clax.methods import get_method, method_settings, parts
 from clax.models import backbone_view, get_backbone
 from clax.plot import accuracy_heatmap
-from clax.train import NonFiniteLossError, fit, make_context, make_optimizer
+from clax.train import NonFiniteLossError, fit, make_context, make_optimizer, validation_splits
 from clax import cache, tracking
 
 
@@ -76,15 +77,19 @@ def _last_good(e: Exception, workdir: str | None, kw: dict) -> str:
 
 FIRST_COLUMNS = ("task", "epoch", "loss")
 LAST_COLUMNS = ("lr", "grad_norm", "seconds")
+#: the validation columns (``train.val_fraction > 0``), before :data:`LAST_COLUMNS` where some row has them
+VAL_COLUMNS = ("val_loss", "val_acc")
 
 
 def metrics_columns(rows: list[dict]) -> list[str]:
     """The columns of ``metrics.csv`` for ``rows``: ``task, epoch, loss``, every other name found in a row
-    (the method's loss terms) in alphabetical order, then ``lr, grad_norm, seconds``. Of the loss terms
-    only those some row has appear (a method's own terms and no other's); a row without a column (e.g.
-    one written by an older clax, restored from a checkpoint) leaves it empty."""
-    mid = sorted({k for r in rows for k in r} - set(FIRST_COLUMNS) - set(LAST_COLUMNS))
-    return [*FIRST_COLUMNS, *mid, *LAST_COLUMNS]
+    (the method's loss terms) in alphabetical order, then ``val_loss, val_acc`` (only where some row has
+    them: a run with a validation set), then ``lr, grad_norm, seconds``. Of the loss terms only those
+    some row has appear (a method's own terms and no other's); a row without a column (e.g. one written
+    by an older clax, restored from a checkpoint) leaves it empty."""
+    names = {k for r in rows for k in r}
+    mid = sorted(names - set(FIRST_COLUMNS) - set(LAST_COLUMNS) - set(VAL_COLUMNS))
+    return [*FIRST_COLUMNS, *mid, *[c for c in VAL_COLUMNS if c in names], *LAST_COLUMNS]
 
 
 def _jsonable(x: Any) -> Any:
@@ -175,6 +180,11 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
         print(f"devices: {d['devices']} {d['platform']} ({d['processes']} process{'es' if d['processes'] > 1 else ''}), "
               f"mesh data={d['mesh']['data']} x model={d['mesh']['model']}", flush=True)
     tcfg = train_config(cfg)
+    if tcfg.val_fraction:  # the validation split of every task, checked on the labels before the workdir changes
+        try:
+            validation_splits(bench, tcfg.val_fraction, tcfg.seed)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     rows: list[dict] = []
     kw: dict = {}
     if workdir:
@@ -210,6 +220,7 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
         "params": out["params"],
         "timing": out["timing"],
         "devices": out["devices"],
+        **({"task_training": out["task_training"]} if "task_training" in out else {}),
         "config": cfg,
         **out.get("report", {}),  # optional per-method extras (Method.report), e.g. mask_density
     }

@@ -9,7 +9,8 @@ the number of optimizer steps taken so far (``TrainState.step``):
 * per epoch (the rows of ``metrics.csv``): ``loss/total`` and every named loss term ``loss/<term>``
   (``loss/ce``, ``loss/kl``, ...), ``opt/lr``, ``opt/grad_norm``, ``speed/images_per_s`` and
   ``speed/step_ms`` (the epoch's training wall time per step, end-of-epoch work excluded; the first epoch
-  of a process includes compilation);
+  of a process includes compilation); with ``train.val_fraction > 0`` ``val/loss`` and ``val/acc`` (the
+  held-out rows of the task, :func:`clax.train.validate`);
 * after each task: ``acc/task_<c>`` for every task seen so far and ``acc/ACC`` (their mean), i.e. the
   accuracy matrix as it fills;
 * with ``eval.every_epoch=true``: ``epoch_acc/task_<c>`` and ``epoch_acc/mean`` after every epoch (test
@@ -37,7 +38,7 @@ TB_DIR = "tb"
 #: config sections that change what a run records, not its results (see :data:`clax.config.RECORD_DEFAULTS`)
 RECORD_SECTIONS = ("log", "eval", "cache")
 #: row keys of :func:`clax.train.fit`'s ``log`` rows that are not loss terms
-_NOT_TERMS = ("task", "epoch", "loss", "lr", "grad_norm", "seconds")
+_NOT_TERMS = ("task", "epoch", "loss", "lr", "grad_norm", "seconds", "val_loss", "val_acc")
 
 
 def run_identity(cfg: dict) -> dict:
@@ -146,6 +147,7 @@ class Tracker:
         prev_s, hooks_s = self.task_seconds.get(task, (0.0, 0.0))
         epoch_s = float(row.get("seconds", 0.0)) - prev_s - hooks_s
         vals = {"loss/total": row.get("loss"), "opt/lr": row.get("lr"), "opt/grad_norm": row.get("grad_norm"),
+                **({"val/loss": row["val_loss"], "val/acc": row["val_acc"]} if "val_loss" in row else {}),
                 **{f"loss/{k}": v for k, v in row.items() if k not in _NOT_TERMS}}
         if n > 0 and epoch_s > 0:
             vals.update({"speed/images_per_s": n * self.batch_size / epoch_s, "speed/step_ms": 1e3 * epoch_s / n})

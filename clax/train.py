@@ -49,6 +49,12 @@ class Progress:
       epoch_metrics: every metric of the current epoch's steps taken so far, by name (``loss``, the
         method's named terms, ``grad_norm``; a list of floats per name, one per step; mid-task only),
         so that a resumed epoch's means equal the uninterrupted run's.
+      val: the current task's :class:`ValState` as a dict (``train.val_fraction > 0``, mid-task only):
+        the plateau's rate, patience count, best value and epoch, and whether the task has stopped.
+      best_cl: the method state (:class:`CLState`) of the current task's best-validation epoch so far
+        (``train.restore_best``, mid-task only; None before the task's first epoch has ended).
+      task_records: one dict per finished task (``train.val_fraction > 0``): ``task``, ``epochs`` run,
+        ``best_epoch`` and ``stopped`` (``epochs``, ``plateau_floor`` or ``early_stop``).
     """
 
     tasks_done: int
@@ -60,6 +66,9 @@ class Progress:
     compiles_after_task: list = dataclasses.field(default_factory=list)
     task_key: Optional[Any] = None
     epoch_metrics: dict = dataclasses.field(default_factory=dict)
+    val: Optional[dict] = None
+    best_cl: Optional[Any] = None
+    task_records: list = dataclasses.field(default_factory=list)
 
 
 @flax.struct.dataclass
@@ -84,7 +93,12 @@ class TrainConfig:
       lr: learning rate; ``weight_decay``, ``momentum`` (sgd), ``clip`` (global norm, 0 = off).
       lr_schedule: how ``lr`` changes over each task's epochs (it restarts with every task):
         ``constant``; ``step:EVERY:GAMMA`` (multiply by ``GAMMA`` every ``EVERY`` epochs, e.g. CLR's
-        ``step:20:0.1``); ``cosine`` (from ``lr`` to 0 over the task's epochs, one value per epoch).
+        ``step:20:0.1``); ``cosine`` (from ``lr`` to 0 over the task's epochs, one value per epoch);
+        ``plateau:PATIENCE:FACTOR:FLOOR`` (driven by the validation set, so it needs ``val_fraction > 0``;
+        see :func:`val_update`): each task starts at ``lr``; after ``PATIENCE`` epochs in a row without
+        a better validation value the rate is divided by ``FACTOR`` (> 1) and the patience count
+        restarts; when the rate falls below ``FLOOR`` the task's training stops (WSN's authors'
+        ``--lr_patience 6 --lr_factor 2 --lr_min 1e-6`` is ``plateau:6:2:1e-6``).
       lr_scales: per-partition learning-rate multipliers, a list of ``"REGEX=SCALE"`` strings over the
         paths of the trained tree (:func:`trainable`: ``shared/...`` and ``task/...``, e.g.
         ``shared/backbone`` or ``task/head/kernel``). A pattern selects a leaf when it matches the leaf's
@@ -94,6 +108,34 @@ class TrainConfig:
         e.g. PAH's backbone) come first, these after; where several patterns select a leaf the last one
         wins. A pattern that selects nothing is an error. See :func:`lr_scale_transform`.
       seed: seeds parameters, data order and every random draw.
+      val_fraction: in ``[0, 1)``; per task, this fraction of the task's training rows is held out as a
+        validation set and never trained on (0 = off: every row is trained on). The rows are drawn per
+        task, seeded by ``(seed, task)`` and stratified by class (:func:`validation_split`); the hooks
+        that read the task's data (``begin_task``, ``train_filter``, ``end_epoch``, ``end_task``:
+        replay buffers, Fisher estimates, prototypes) see only the rows trained on. After every epoch
+        (after the method's ``end_epoch`` hook) the state is evaluated on them by the compiled eval
+        step: ``val_loss`` (mean cross-entropy of the softmax of the method's ``predict`` output) and
+        ``val_acc``, written to ``metrics.csv`` and TensorBoard (``val/loss``, ``val/acc``). A
+        cumulative (joint) method validates on the held-out rows of every task it trains on. WSN's
+        authors (``dataloader/*.py``: ``pc_valid``, 0.05 in their scripts) draw ``int(pc_valid * n)``
+        rows uniformly with one permutation seeded by the run's seed alone; clax draws the same number,
+        stratified by class and seeded per task.
+      val_metric: ``loss`` (lower is better; WSN's authors') or ``acc`` (higher is better): the value
+        that decides "better" for ``plateau``, ``early_stop`` and ``restore_best``. Improvement is
+        strict (as in the authors' ``valid_loss < best_loss``): a tie is not an improvement.
+      early_stop: stop a task's training after this many epochs in a row without a better validation
+        value (counted from the last improvement; a plateau's rate cut does not restart it); 0 = off.
+        Needs ``val_fraction > 0``. WSN's authors have no such rule (their plateau floor ends a task).
+      restore_best: at the end of a task's epochs, before ``end_task``, the method's whole state
+        (:class:`CLState`: every partition, model state and buffers) is set back to that of the epoch
+        with the best validation value (as WSN's authors' ``set_model_(model, best_model)``, which
+        restores the model's whole ``state_dict``). The optimizer state is not restored: it is
+        re-initialised at the next task and nothing reads it before; the RNG key and step count go on.
+        Needs ``val_fraction > 0``.
+
+    With ``val_fraction > 0`` the run's results also list, per task, the epochs run, the best epoch and
+    why training stopped (:func:`fit`'s ``task_training``). With the defaults (``val_fraction=0``, no
+    plateau, ``early_stop=0``, ``restore_best=false``) nothing of this runs and a run is unchanged.
     """
 
     epochs: int = 5
@@ -107,6 +149,10 @@ class TrainConfig:
     lr_schedule: str = "constant"
     lr_scales: list = dataclasses.field(default_factory=list)
     seed: int = 0
+    val_fraction: float = 0.0
+    val_metric: str = "loss"
+    early_stop: int = 0
+    restore_best: bool = False
 
     def __post_init__(self):
         """Checks every setting where the config is made, before any data loads.
@@ -120,7 +166,8 @@ class TrainConfig:
         rules = {"epochs": POSITIVE_INT, "batch_size": POSITIVE_INT, "eval_batch_size": POSITIVE_INT,
                  "optimizer": one_of(*OPTIMIZERS), "lr": POSITIVE, "weight_decay": NON_NEGATIVE,
                  "momentum": between(0, 1, "[)"), "clip": NON_NEGATIVE, "lr_schedule": Rule("str"),
-                 "lr_scales": Rule("any"), "seed": NON_NEGATIVE_INT}
+                 "lr_scales": Rule("any"), "seed": NON_NEGATIVE_INT, "val_fraction": between(0, 1, "[)"),
+                 "val_metric": one_of(*VAL_METRICS), "early_stop": NON_NEGATIVE_INT, "restore_best": Rule("bool")}
         for f in dataclasses.fields(self):
             check_value("seed" if f.name == "seed" else f"train.{f.name}", getattr(self, f.name), rules[f.name])
         parse_lr_scales(self.lr_scales)
@@ -128,16 +175,56 @@ class TrainConfig:
         parts = self.lr_schedule.split(":")
         if parts[0] == "step" and not (math.isfinite(float(parts[2])) and float(parts[2]) > 0):
             raise ValueError(f"train.lr_schedule {self.lr_schedule!r}: GAMMA must be a finite number > 0")
+        if not self.val_fraction:
+            needs = [f"train.lr_schedule={self.lr_schedule}" if parse_plateau(self.lr_schedule) else "",
+                     f"train.early_stop={self.early_stop}" if self.early_stop else "",
+                     "train.restore_best=true" if self.restore_best else ""]
+            needs = [n for n in needs if n]
+            if needs:
+                raise ValueError(f"{needs[0]} needs a validation set: set train.val_fraction in (0, 1), "
+                                 f"e.g. train.val_fraction=0.05")
+
+
+VAL_METRICS = ("loss", "acc")
+SCHEDULES = "constant, cosine, step:EVERY:GAMMA (e.g. step:20:0.1), plateau:PATIENCE:FACTOR:FLOOR (e.g. plateau:6:2:1e-6)"
+
+
+def parse_plateau(schedule: str) -> Optional[tuple[int, float, float]]:
+    """``(patience, factor, floor)`` of a ``plateau:PATIENCE:FACTOR:FLOOR`` schedule; None for any other.
+
+    Raises:
+      ValueError: a ``plateau`` schedule that is malformed (PATIENCE an integer >= 1, FACTOR a finite
+        number > 1, FLOOR a finite number >= 0), naming ``train.lr_schedule`` and the valid form.
+    """
+    parts = schedule.split(":")
+    if parts[0] != "plateau":
+        return None
+    try:
+        patience, factor, floor = int(parts[1]), float(parts[2]), float(parts[3])
+        ok = len(parts) == 4 and patience >= 1 and math.isfinite(factor) and factor > 1 \
+            and math.isfinite(floor) and floor >= 0
+    except (ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise ValueError(f"train.lr_schedule {schedule!r} is not valid: plateau:PATIENCE:FACTOR:FLOOR needs "
+                         f"PATIENCE an integer >= 1, FACTOR a number > 1 and FLOOR a number >= 0 "
+                         f"(e.g. plateau:6:2:1e-6, WSN's); valid: {SCHEDULES}")
+    return patience, factor, floor
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
     """The learning rate of epoch ``epoch`` (0-based, within a task) under ``cfg.lr_schedule``.
+
+    A ``plateau`` schedule depends on the validation values, not on the epoch: this is its starting rate,
+    ``cfg.lr``; :func:`fit` follows its :class:`ValState` (:func:`val_update`).
 
     Raises:
       ValueError: an unknown or malformed schedule, naming it and the valid forms.
     """
     s = cfg.lr_schedule
     if s == "constant":
+        return cfg.lr
+    if parse_plateau(s):
         return cfg.lr
     if s == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / max(1, cfg.epochs)))
@@ -149,8 +236,105 @@ def lr_at(cfg: TrainConfig, epoch: int) -> float:
             every = 0
         if every > 0:
             return cfg.lr * gamma ** (epoch // every)
-    raise ValueError(f"train.lr_schedule {s!r} is not valid; valid: constant, cosine, step:EVERY:GAMMA "
-                     "(e.g. step:20:0.1)")
+    raise ValueError(f"train.lr_schedule {s!r} is not valid; valid: {SCHEDULES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ValState:
+    """Where a task's validation-driven training stands after its epochs so far (:func:`val_update`).
+
+    Attributes:
+      lr: the learning rate of the next epoch (``plateau``; otherwise the start rate, unused).
+      best: the best validation value so far (None before one); best_epoch: its epoch (-1 before).
+      wait: epochs in a row without improvement since the last improvement or rate cut (the plateau's
+        patience count).
+      stale: epochs in a row without improvement since the last improvement (``early_stop``'s count).
+      epochs: epochs run so far in the task.
+      stop: why the task stops before its last epoch: ``""`` (it does not), ``plateau_floor`` or
+        ``early_stop``.
+    """
+
+    lr: float
+    best: Optional[float] = None
+    best_epoch: int = -1
+    wait: int = 0
+    stale: int = 0
+    epochs: int = 0
+    stop: str = ""
+
+
+def val_update(vs: ValState, value: float, epoch: int, cfg: TrainConfig) -> ValState:
+    """The :class:`ValState` after epoch ``epoch`` whose validation value (``cfg.val_metric``) is ``value``.
+
+    A pure function, WSN's authors' rule (``main_wsn_*.py``): the value improves when it is strictly
+    better than the best so far (lower loss, higher accuracy; a NaN never improves); an improvement
+    records the value and epoch and resets both counts. Otherwise both counts grow; with a
+    ``plateau:PATIENCE:FACTOR:FLOOR`` schedule, when ``wait`` reaches ``PATIENCE`` the rate is divided by
+    ``FACTOR`` and ``wait`` restarts, and if the new rate is below ``FLOOR`` the task stops
+    (``plateau_floor``; the authors' ``if lr < args.lr_min: break``). With ``cfg.early_stop = N > 0`` the
+    task stops (``early_stop``) once ``stale`` reaches ``N``.
+    """
+    higher = cfg.val_metric == "acc"
+    best = vs.best if vs.best is not None else (-math.inf if higher else math.inf)
+    if (value > best) if higher else (value < best):
+        return ValState(vs.lr, float(value), epoch, 0, 0, epoch + 1, "")
+    lr, wait, stale, stop = vs.lr, vs.wait + 1, vs.stale + 1, ""
+    plateau = parse_plateau(cfg.lr_schedule)
+    if plateau and wait >= plateau[0]:
+        lr, wait = lr / plateau[1], 0
+        if lr < plateau[2]:
+            stop = "plateau_floor"
+    if not stop and cfg.early_stop and stale >= cfg.early_stop:
+        stop = "early_stop"
+    return ValState(lr, vs.best, vs.best_epoch, wait, stale, epoch + 1, stop)
+
+
+def validation_split(y: np.ndarray, fraction: float, seed: int, task: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_rows, val_rows)``: sorted row indices of one task's training labels ``y``.
+
+    ``floor(fraction * len(y))`` rows are held out (the count WSN's authors hold out, ``int(pc_valid *
+    n)``), spread over the classes in proportion to their rows (each class gets the floor of its share,
+    the rest go one each to the classes with the largest remainders, ties to the lower label), each
+    class's rows drawn at random with ``numpy.random.default_rng([0x76616C, seed, task])`` (a stream of
+    its own: the epochs' data order uses ``(seed, task, epoch)``). The draw depends only on ``y``,
+    ``fraction``, ``seed`` and ``task``.
+
+    Raises:
+      ValueError: naming ``train.val_fraction``: the split leaves a class with no training row, or the
+        task with no validation row.
+    """
+    y = np.asarray(y)
+    n = len(y)
+    rng = np.random.default_rng([0x76616C, int(seed), int(task)])
+    classes, counts = np.unique(y, return_counts=True)
+    total = math.floor(fraction * n + 1e-9)
+    share = fraction * counts
+    take = np.floor(share + 1e-9).astype(np.int64)
+    rest = total - int(take.sum())
+    if rest > 0:
+        order = np.lexsort((classes, -(share - take)))  # largest remainder first, then the lower label
+        take[order[:rest]] += 1
+    if total == 0:
+        raise ValueError(f"train.val_fraction={fraction} holds out no row of task {task}'s {n} training rows; "
+                         f"raise it (at least {1 / n:.3g}) or set it to 0")
+    empty = [int(c) for c, k, m in zip(classes, take, counts) if k >= m]
+    if empty:
+        raise ValueError(f"train.val_fraction={fraction} leaves class {empty[0]} of task {task} with no training "
+                         f"row ({int(counts[list(classes).index(empty[0])])} rows, all held out); lower it")
+    val = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take)]
+    val = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    keep = np.ones(n, bool)
+    keep[val] = False
+    return np.flatnonzero(keep), val
+
+
+def validation_splits(bench: Benchmark, fraction: float, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`validation_split` of every task of ``bench`` (labels only: no image is read).
+
+    Raises:
+      ValueError: as :func:`validation_split`, for the first task it fails on.
+    """
+    return [validation_split(np.asarray(t.y_train), fraction, seed, t.task_id) for t in bench.tasks]
 
 
 def set_lr(opt_state, lr: float):
@@ -330,7 +514,7 @@ def _where_mask(mask, tree):
 
 
 # metrics.csv columns the trainer writes itself: a method's loss term of one of these names is refused
-RESERVED_METRICS = ("task", "epoch", "lr", "grad_norm", "seconds")
+RESERVED_METRICS = ("task", "epoch", "lr", "grad_norm", "seconds", "val_loss", "val_acc")
 
 
 class Steps:
@@ -340,7 +524,11 @@ class Steps:
     method's named loss terms, and ``grad_norm``, the global L2 norm (``optax.tree.norm``, which
     ``optax.global_norm`` now calls) of the gradient the optimizer receives: after the method's
     ``update_mask`` has zeroed the frozen positions, before any clipping inside the optimizer. A loss
-    term named like a trainer column (:data:`RESERVED_METRICS`) is refused when the step is traced."""
+    term named like a trainer column (:data:`RESERVED_METRICS`) is refused when the step is traced.
+
+    ``eval_step(cl, batch, t)`` returns ``(correct, nll)``: the number of correct predictions and the sum
+    of the cross-entropy of the softmax of ``predict``'s output, over the batch's real rows (weight
+    ``w``); :func:`evaluate` uses the first, the validation set (:attr:`TrainConfig.val_fraction`) both."""
 
     def __init__(self, method: Method, tx: optax.GradientTransformation, scenario: str):
         self.traces = {"train_step": 0, "eval_step": 0}
@@ -376,8 +564,11 @@ class Steps:
         def eval_step(cl: CLState, batch: dict, t):
             self.traces["eval_step"] += 1
             tid = jnp.full(batch["y"].shape, t, jnp.int32) if scenario == "til" else None
-            pred = jnp.argmax(method.predict(cl, batch["x"], tid), axis=-1)
-            return jnp.sum((pred == batch["y"]) * batch["w"])
+            out = method.predict(cl, batch["x"], tid)
+            pred = jnp.argmax(out, axis=-1)
+            logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
+            nll = -jnp.take_along_axis(logp, batch["y"][:, None].astype(jnp.int32), axis=-1)[:, 0]
+            return jnp.sum((pred == batch["y"]) * batch["w"]), jnp.sum(nll * batch["w"])
 
         self._step_fn = train_step
         self._train = jax.jit(train_step)
@@ -407,17 +598,56 @@ def evaluate(steps: Steps, cl: CLState, bench: Benchmark, scenario: str, c: int,
     task = bench.tasks[c]
     y = task.targets(task.y_test, scenario)
     put = (lambda b: M.put_batch(b, mesh)) if mesh is not None else (lambda b: b)
-    correct = sum(steps.eval_step(cl, put(b), jnp.int32(c)) for b in eval_batches(task.x_test, y, batch_size))
+    correct = sum(steps.eval_step(cl, put(b), jnp.int32(c))[0] for b in eval_batches(task.x_test, y, batch_size))
     return float(correct) / len(y)
 
 
-def task_training_data(bench: Benchmark, r: int, scenario: str, cumulative: bool):
-    """``(x, targets, tid)`` of task ``r``, or of tasks ``0..r`` for cumulative (joint) training."""
+def _rows(x, idx: np.ndarray):
+    """Rows ``idx`` of an array or of a lazy image source (:class:`clax.data.pipeline.ImageSource`)."""
+    return x[idx] if isinstance(x, np.ndarray) else x.take(idx)
+
+
+def task_training_data(bench: Benchmark, r: int, scenario: str, cumulative: bool, splits: Optional[list] = None):
+    """``(x, targets, tid)`` of task ``r``, or of tasks ``0..r`` for cumulative (joint) training; with
+    ``splits`` (:func:`validation_splits`) only each task's training rows, its validation rows left out."""
     tasks = bench.tasks[: r + 1] if cumulative else [bench.tasks[r]]
-    x = np.concatenate([t.x_train for t in tasks])
-    y = np.concatenate([t.targets(t.y_train, scenario) for t in tasks])
-    tid = np.concatenate([np.full(len(t.y_train), t.task_id, np.int32) for t in tasks])
+    if splits is None:
+        x = np.concatenate([t.x_train for t in tasks])
+        y = np.concatenate([t.targets(t.y_train, scenario) for t in tasks])
+        tid = np.concatenate([np.full(len(t.y_train), t.task_id, np.int32) for t in tasks])
+        return x, y, tid
+    rows = [splits[c][0] for c in (range(r + 1) if cumulative else [r])]
+    x = np.concatenate([_rows(t.x_train, i) for t, i in zip(tasks, rows)])
+    y = np.concatenate([t.targets(np.asarray(t.y_train)[i], scenario) for t, i in zip(tasks, rows)])
+    tid = np.concatenate([np.full(len(i), t.task_id, np.int32) for t, i in zip(tasks, rows)])
     return x, y, tid
+
+
+def validation_data(bench: Benchmark, r: int, scenario: str, cumulative: bool, splits: list) -> list:
+    """``[(task, x, targets)]``: the held-out rows (:func:`validation_splits`) of task ``r``, or of each of
+    tasks ``0..r`` for cumulative training, without augmentation (a lazy image source's is turned off)."""
+    out = []
+    for c in (range(r + 1) if cumulative else [r]):
+        t, i = bench.tasks[c], splits[c][1]
+        x = _rows(t.x_train, i)
+        if hasattr(x, "with_augment"):
+            x = x.with_augment(False)
+        out.append((t.task_id, x, t.targets(np.asarray(t.y_train)[i], scenario)))
+    return out
+
+
+def validate(steps: Steps, cl: CLState, sets: list, batch_size: int, mesh=None) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``cl`` on the validation sets ``[(task, x, targets)]`` of
+    :func:`validation_data`: the mean cross-entropy and the fraction correct over all their rows, each
+    task's rows predicted as task ``task`` (TIL), by the compiled eval step (no new compilation)."""
+    put = (lambda b: M.put_batch(b, mesh)) if mesh is not None else (lambda b: b)
+    correct, nll, n = 0, 0, 0
+    for c, x, y in sets:
+        for b in eval_batches(x, y, batch_size):
+            k, l = steps.eval_step(cl, put(b), jnp.int32(c))
+            correct, nll = correct + k, nll + l
+        n += len(y)
+    return float(nll) / n, float(correct) / n
 
 
 def _stream(batches, x):
@@ -507,7 +737,9 @@ def fit(
         the epoch, :func:`lr_at`; the base rate, which ``lr_scales`` multiply per partition; absent with a
         user's ``optimizer``, which schedules its own), ``grad_norm`` (the epoch's mean global norm of the
         gradient the optimizer receives, after the method's update mask, before clipping; see
-        :class:`Steps`) and ``seconds`` (since the task's training started).
+        :class:`Steps`), with ``train.val_fraction > 0`` ``val_loss`` and ``val_acc`` (on the task's
+        held-out rows after the epoch's ``end_epoch`` hook; :func:`validate`), and ``seconds`` (since
+        the task's training started). Under ``plateau`` ``lr`` is the rate the epoch trained with.
       on_epoch_end: called as ``(task, epoch, train_state)`` after each epoch's ``log`` row and before a
         checkpoint on the epoch's last step; it must not change the run (it sees the state, returns nothing).
       resume: ``(train_state, progress)`` of a checkpoint: training continues from there and ends as
@@ -533,7 +765,14 @@ def fit(
     Returns:
       A dict with ``accuracy_matrix`` (T x T, NaN where not evaluated), ``init_accuracy``, the metrics
       of :func:`clax.metrics.summarize`, ``params`` and ``timing``; ``history``, the rows given to
-      ``log`` (one per epoch trained by this call); and ``state``, the final :class:`TrainState`.
+      ``log`` (one per epoch trained by this call); ``state``, the final :class:`TrainState`; and with
+      ``cfg.val_fraction > 0`` ``task_training``, per task ``{"task", "epochs" (run), "best_epoch",
+      "stopped"}`` where ``stopped`` is ``epochs`` (all ran), ``plateau_floor`` or ``early_stop``.
+
+    Validation, plateau, early stopping and best-state restore (:class:`TrainConfig`): the validation
+    rows of every task are drawn first (:func:`validation_splits`; a bad ``val_fraction`` fails before
+    any training); the task's :class:`ValState` and best state travel in every checkpoint inside the
+    task, so a resume from any of them ends as the uninterrupted run.
     """
     from tqdm.auto import tqdm
 
@@ -579,12 +818,20 @@ def fit(
         train_s, n_steps = pr.train_s, pr.steps - len(pr.epoch_metrics.get("loss", []))
         compiles_after_task = list(pr.compiles_after_task)
     history: list[dict] = []
+    # the validation split (train.val_fraction): labels only, every task's checked before any training
+    splits = validation_splits(bench, cfg.val_fraction, cfg.seed) if cfg.val_fraction else None
+    records = list(resume[1].task_records) if resume is not None else []  # per finished task (with splits)
+    plateau = parse_plateau(cfg.lr_schedule)
     for r in range(start, T):
-        x, y, tid = task_training_data(bench, r, scenario, method.cumulative)
+        x, y, tid = task_training_data(bench, r, scenario, method.cumulative, splits)
+        vsets = validation_data(bench, r, scenario, method.cumulative, splits) if splits else []
         t = jnp.int32(r)
         done = skip if r == start else 0  # steps of this task already taken (resuming inside it)
+        vs, best_cl = ValState(cfg.lr), None  # the task's validation state and best-epoch method state
         if done:
             k_end = jnp.asarray(resume[1].task_key)
+            if resume[1].val is not None:
+                vs, best_cl = ValState(**resume[1].val), resume[1].best_cl
         else:
             key, k_begin, k_end = jax.random.split(ts.key, 3)
             cl = method.begin_task(host(ts.cl), TaskData(r, x, y, k_begin, cfg.batch_size))
@@ -600,12 +847,18 @@ def fit(
         bar = tqdm(total=cfg.epochs * per_epoch, initial=done, desc=f"{method.name} task {r + 1}/{T}",
                    disable=not progress, leave=False, dynamic_ncols=True)
         t0 = time.perf_counter()
+        def val_progress() -> dict:  # the Progress fields of the task's validation state (mid-task)
+            return {"val": dataclasses.asdict(vs), "best_cl": best_cl} if splits else {}
+
         for epoch in range(done // per_epoch, cfg.epochs):
+            if vs.stop:  # stopped by the plateau floor or early stopping (a resume after its last epoch)
+                break
+            lr = vs.lr if plateau else lr_at(cfg, epoch)  # the epoch's rate
             if cfg.lr_schedule != "constant":
-                ts = place(ts.replace(opt_state=set_lr(ts.opt_state, lr_at(cfg, epoch))))
+                ts = place(ts.replace(opt_state=set_lr(ts.opt_state, lr)))
             # The data order depends on (seed, task, epoch) only, so a resumed run sees the same batches.
             rng = np.random.default_rng([cfg.seed, r, epoch])
-            acc = ({k: [jnp.float32(v) for v in vs] for k, vs in resume[1].epoch_metrics.items()}
+            acc = ({k: [jnp.float32(v) for v in vals] for k, vals in resume[1].epoch_metrics.items()}
                    if done and epoch == done // per_epoch else {})  # metric name -> the epoch's step values
             acc.setdefault("loss", [])
             losses = acc["loss"]
@@ -623,7 +876,8 @@ def fit(
                     _check_finite(ts, t, losses, r, epoch, per_epoch)
                     checkpoint(ts, Progress(r, s, A.copy(), b, train_s + time.perf_counter() - t0, int(ts.step),
                                             list(compiles_after_task), k_end,
-                                            {k: [float(v) for v in vs] for k, vs in acc.items()}))
+                                            {k: [float(v) for v in vals] for k, vals in acc.items()},
+                                            task_records=list(records), **val_progress()))
             means = _epoch_means(acc)
             mean_loss = means.pop("loss")
             n_steps += len(losses)
@@ -633,9 +887,16 @@ def fit(
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if method.end_epoch is not None:
                 ts = place(ts.replace(cl=method.end_epoch(host(ts.cl), TaskData(r, x, y, k_end, cfg.batch_size), epoch)))
+            val = {}
+            if splits:  # the held-out rows, by the compiled eval step; then the plateau / early-stop rule
+                val_loss, val_acc = validate(steps, ts.cl, vsets, cfg.eval_batch_size, mesh)
+                vs = val_update(vs, val_loss if cfg.val_metric == "loss" else val_acc, epoch, cfg)
+                if cfg.restore_best and vs.best_epoch == epoch:
+                    best_cl = ts.cl  # arrays are immutable and no step donates its input: a reference suffices
+                val = {"val_loss": val_loss, "val_acc": val_acc}
             grad_norm = means.pop("grad_norm", None)
-            row = {"task": r, "epoch": epoch, "loss": mean_loss, **dict(sorted(means.items())),
-                   **({"lr": lr_at(cfg, epoch)} if optimizer is None else {}),  # a user's: its own schedule
+            row = {"task": r, "epoch": epoch, "loss": mean_loss, **dict(sorted(means.items())), **val,
+                   **({"lr": lr} if optimizer is None else {}),  # a user's: its own schedule
                    **({} if grad_norm is None else {"grad_norm": grad_norm}), "seconds": time.perf_counter() - t0}
             history.append(row)
             if log:
@@ -646,8 +907,13 @@ def fit(
             if due(s):  # the epoch's last step, its epoch finished: the next epoch starts from here
                 _check_finite(ts, t, [], r, epoch + 1, per_epoch)
                 checkpoint(ts, Progress(r, s, A.copy(), b, train_s + time.perf_counter() - t0, n_steps,
-                                        list(compiles_after_task), k_end, {}))
+                                        list(compiles_after_task), k_end, {}, task_records=list(records),
+                                        **val_progress()))
         bar.close()
+        if splits:
+            records.append({"task": r, "epochs": vs.epochs, "best_epoch": vs.best_epoch, "stopped": vs.stop or "epochs"})
+            if cfg.restore_best and best_cl is not None:  # before end_task: the best epoch's whole method state
+                ts = place(ts.replace(cl=best_cl))
         ts = place(ts.replace(cl=method.end_task(host(ts.cl), TaskData(r, x, y, k_end, cfg.batch_size))))
         jax.block_until_ready(ts)
         train_s += time.perf_counter() - t0
@@ -659,7 +925,8 @@ def fit(
             on_task_end(r, ts, A)
         if checkpoint:
             _check_finite(ts, t, [], r, cfg.epochs, per_epoch)
-            checkpoint(ts, Progress(r + 1, 0, A.copy(), b, train_s, n_steps, list(compiles_after_task)))
+            checkpoint(ts, Progress(r + 1, 0, A.copy(), b, train_s, n_steps, list(compiles_after_task),
+                                    task_records=list(records)))
 
     out = summarize(A, b, scenario)  # FWT None in CIL (clax.metrics.FWT_SCENARIOS)
     out.update(
@@ -670,6 +937,7 @@ def fit(
                 "compile_cache_hits": compiled.cache_hits, "step_traces": steps.compiles, "traces": dict(steps.traces),
                 "compiles_after_task": compiles_after_task},
         history=history,
+        **({"task_training": records} if splits else {}),
         state=ts,
         devices={**M.describe(mesh), "bytes_per_device": max(M.bytes_per_device(ts).values(), default=0)},
         report={**(method.report(ts.cl) if method.report else {}),
