@@ -98,35 +98,103 @@ def test_cil_is_refused(out):
         get_method("ibm", ctx).init(jax.random.PRNGKey(0))
 
 
-@pytest.fixture(scope="module")
-def experiment():
-    """experiments/ibm_cifar100.py at tiny scale on the offline digits: 2 tasks, 1 epoch, the MLP in
-    place of ResNet-18 (whose compilation alone costs minutes on 2 loaded cores; the ResNet-18 path,
-    per-task BatchNorm included, is checked by ``python tests/test_ibm.py``)."""
+def _experiment_on_digits(cfg, sets=()):
+    """An experiment config on the offline digits (the real loaders need data on disk): the data
+    section back at its defaults (the digits take none of it), the MLP in place of ResNet-18."""
+    from clax.config import apply_overrides
+    from clax.data.pipeline import DATA_DEFAULTS
+
+    return apply_overrides({**cfg, "benchmark": "split-digits", "data": dict(DATA_DEFAULTS)},
+                           ["backbone.name=mlp", "backbone.hidden=[32,32]", "ibm.svd_samples=16", *sets])
+
+
+def _experiments():
     import os
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
     import ibm_cifar100
     import ibm_tinyimagenet
+    return ibm_cifar100, ibm_tinyimagenet
 
-    from clax.config import apply_overrides
 
-    tiny = ["backbone.name=mlp", "backbone.hidden=[32,32]", "train.epochs=1", "ibm.svd_samples=16"]
-
-    def digits(cfg):  # the real loaders need data on disk: same protocol, offline digits
-        return apply_overrides({**cfg, "benchmark": "split-digits"}, tiny)
-
-    other = digits(ibm_tinyimagenet.get_config())
-    assert ibm_tinyimagenet.get_config()["backbone"]["name"] == "resnet18"
-    assert other["train"]["lr"] == 1e-3 and other["train"]["epochs"] == 1
-    return isolation_run("ibm", cfg=digits(ibm_cifar100.get_config()), num_tasks=2)
+@pytest.fixture(scope="module")
+def experiment():
+    """experiments/ibm_cifar100.py at tiny scale on the offline digits: 2 tasks, 1 epoch, the MLP in
+    place of ResNet-18 (whose compilation alone costs minutes on 2 loaded cores; the ResNet-18 path,
+    per-task BatchNorm included, is checked by ``python tests/test_ibm.py``)."""
+    ibm_cifar100, _ = _experiments()
+    return isolation_run("ibm", cfg=_experiment_on_digits(ibm_cifar100.get_config(), ["train.epochs=1"]),
+                         num_tasks=2)
 
 
 def test_experiment_config_runs_at_tiny_scale_with_zero_forgetting(experiment):
     assert experiment["cfg"]["ibm"]["kl_fac"] == 1e-3 and experiment["cfg"]["train"]["batch_size"] == 256
     assert_isolation(experiment)
     assert np.isfinite(experiment["acc"])
+
+
+def test_experiment_configs_follow_the_authors_scripts():
+    """config/CIFAR100/ib.sh and config/TinyImageNet/ib.sh: one Adam at 1e-3 over every parameter,
+    batch 256, 10 / 300 epochs; seq-tinyimg is 10 tasks of 20 with the 7x7/2 stem without max-pool;
+    batch-statistics BatchNorm, label-order classes."""
+    from clax.models import check_backbone_settings
+
+    ibm_cifar100, ibm_tinyimagenet = _experiments()
+    c, t = ibm_cifar100.get_config(), ibm_tinyimagenet.get_config()
+    assert c["ibm"]["vb_lr_mult"] == 1.0 and c["train"]["epochs"] == 10 and c["ibm"]["bn"] == "batch"
+    assert c["data"]["class_order"] == "natural" and c["data"]["augment"] == "default"
+    assert t["benchmark"] == "split-tinyimagenet" and t["train"]["epochs"] == 300
+    assert t["backbone"] == {"name": "resnet18", "nf": 64, "stem": "imagenet-nomaxpool"}
+    assert check_backbone_settings("resnet18", {k: v for k, v in t["backbone"].items() if k != "name"})["stem"] \
+        == "imagenet-nomaxpool"
+
+
+def test_released_cifar100_budget_prunes_nothing_at_vb_lr_mult_1():
+    """ibm_cifar100.py's budget is ~200 Adam steps a task (10 epochs of 5,000 images at batch 256): at
+    the authors' one learning rate log alpha cannot climb from -10 to 0 and every weight is kept; the
+    same steps at vb_lr_mult=50 prune. One digits task of ~290 images at batch 8 for 6 epochs is ~216
+    steps."""
+    ibm_cifar100, _ = _experiments()
+    dens = {}
+    for mult in (1, 50):
+        cfg = _experiment_on_digits(ibm_cifar100.get_config(),
+                                    ["train.epochs=6", "train.batch_size=8", f"ibm.vb_lr_mult={mult}"])
+        out = isolation_run("ibm", cfg=cfg, num_tasks=1)
+        dens[mult] = out["report"]["mask_density"][0]
+    assert dens[1] == 1.0 and dens[50] < 0.9, dens
+
+
+def test_authors_fwt_is_minus_the_random_networks_accuracy():
+    """Their forgetting() zero-pads the rows before forward_transfer reads results[c-1][c]."""
+    from clax.metrics import fwt
+    from clax.methods.ibm import authors_fwt
+
+    A = np.array([[80.0, 30.0, 20.0], [79.0, 85.0, 40.0], [78.0, 84.0, 90.0]])
+    b = np.array([10.0, 12.0, 8.0])
+    assert authors_fwt(A, b) == pytest.approx(-(12.0 + 8.0) / 2)
+    assert fwt(A, b) == pytest.approx(((30.0 - 12.0) + (40.0 - 8.0)) / 2)  # GEM's, for contrast
+    nan_above = np.where(np.tril(np.ones((3, 3))) > 0, A, np.nan)  # clax's matrix of an isolation method
+    assert authors_fwt(nan_above, b) == authors_fwt(A, b)
+    with pytest.raises(ValueError, match="authors_fwt"):
+        authors_fwt(A, b[:2])
+
+
+@pytest.mark.parametrize("stem, side", [("cifar", 32), ("imagenet", 8), ("imagenet-nomaxpool", 16)])
+def test_resnet_stem_halves_the_input_once_without_max_pool(stem, side):
+    """IBM's TinyImageNet stem (backbone/ResNet18_IB.py conv7x7: stride 2, padding 3, no pooling)
+    halves a 32x32 input once (16x16 into layer 1); torchvision's stem with max-pool twice."""
+    from clax.models.resnet import ResNet18
+
+    net = ResNet18(nf=2, stem=stem)
+    x = jnp.zeros((1, 32, 32, 3))
+    variables = jax.eval_shape(lambda k: net.init(k, x), jax.random.PRNGKey(0))
+    assert variables["params"]["resnet"]["conv1"]["kernel"].shape == ((3, 3) if stem == "cifar" else (7, 7)) + (3, 2)
+    _, inter = jax.eval_shape(lambda v: net.apply(v, x, capture_intermediates=True, mutable=["intermediates"]),
+                              variables)
+    assert inter["intermediates"]["resnet"]["layer1_0"]["__call__"][0].shape == (1, side, side, 2)
+    with pytest.raises(ValueError, match="imagenet-nomaxpool"):
+        ResNet18(nf=2, stem="bad").init(jax.random.PRNGKey(0), x)
 
 
 if __name__ == "__main__":  # the ResNet-18 path (per-task BatchNorm), too slow for the suite on CPU
@@ -138,7 +206,8 @@ if __name__ == "__main__":  # the ResNet-18 path (per-task BatchNorm), too slow 
 
     from clax.config import apply_overrides
 
-    cfg = apply_overrides({**ibm_cifar100.get_config(), "benchmark": "split-digits"},
+    from clax.data.pipeline import DATA_DEFAULTS
+    cfg = apply_overrides({**ibm_cifar100.get_config(), "benchmark": "split-digits", "data": dict(DATA_DEFAULTS)},
                           ["backbone.nf=2", "train.epochs=1", "train.batch_size=32", "ibm.svd_samples=16"])
     assert_isolation(isolation_run("ibm", cfg=cfg, num_tasks=2))
     print("ResNet-18 with per-task BatchNorm: zero forgetting bit-for-bit")

@@ -27,9 +27,14 @@ frozen) and, with ``bn="refresh"``, ``bn_refresh``.
   step moves them ``vb_lr_mult`` times further (a learning-rate multiplier that also works with Adam).
   The default, 50, suits the short split-digits runs (~90 steps a task: at the paper's 1 the
   variational parameters barely move and every weight is kept); the paper protocols in
-  ``experiments/`` set 1, which reproduces the paper.
+  ``experiments/`` set 1, the authors' code (one Adam over every parameter), at which a short budget
+  prunes nothing (``experiments/ibm_cifar100.py``).
+* FWT: clax reports it as null (no task can be evaluated before its mask exists);
+  :func:`authors_fwt` is the figure the authors' code prints.
 """
 from __future__ import annotations
+
+import numpy as np
 
 from clax.compose import chain
 from clax.methods.base import Context, Method
@@ -77,3 +82,25 @@ def ibm(ctx: Context, **settings) -> Method:
                                int(s["svd_every"]), s["svd_var"], int(s["svd_samples"])),
                  consolidation.freeze(mask, ctx.num_tasks),
                  *refresh, name="ibm", evaluates_unseen=False)
+
+
+def authors_fwt(A, b) -> float:
+    """FWT as zackschen/IBM-Net's ``utils/training.py`` reports it (in the units of ``A`` and ``b``).
+
+    Their loop stores row ``r`` of the accuracy matrix with the ``r + 1`` tasks seen so far; their
+    ``forgetting()`` (``utils/metrics.py``) runs first and pads every row with zeros in place, so the
+    ``results[c-1][c]`` that ``forward_transfer`` then reads is 0, never an accuracy:
+    ``mean_{c >= 1} (0 - b[c]) = -mean_{c >= 1} b[c]``, minus the accuracy of the freshly initialised
+    network (``b``, their ``random_results``), whatever ``A`` holds above its diagonal. The GEM FWT of
+    :func:`clax.metrics.fwt` reads ``A[c-1, c]`` instead.
+
+    Args:
+      A: ``[T, T]`` accuracy matrix (only the tasks seen, ``c <= r``, are read, as theirs).
+      b: ``[T]`` accuracies of the freshly initialised network on each task.
+    """
+    A, b = np.asarray(A, np.float64), np.asarray(b, np.float64)
+    T = A.shape[0]
+    if b.shape != (T,) or T < 2:
+        raise ValueError(f"authors_fwt needs T >= 2 tasks and b of shape ({T},), got {b.shape}")
+    padded = np.tril(np.nan_to_num(A))  # their rows: the tasks seen, then the zeros of forgetting()
+    return float(np.mean([padded[c - 1, c] - b[c] for c in range(1, T)]))

@@ -3,7 +3,10 @@
 * :class:`ResNet18`: four stages of two basic blocks (widths nf, 2nf, 4nf, 8nf). ``stem="cifar"`` is
   the 3x3 stride-1 stem without max-pool used by the continual-learning literature (nf=20 is the
   "reduced" ResNet-18 of GEM/DER/PAH, nf=64 the full one); ``stem="imagenet"`` is torchvision's
-  7x7 stride-2 stem with max-pool, for imported ImageNet weights.
+  7x7 stride-2 stem with max-pool, for imported ImageNet weights; ``stem="imagenet-nomaxpool"`` is the
+  7x7 stride-2 stem without the max-pool (the input is halved once, not twice): IBM's TinyImageNet and
+  MiniImageNet ResNet-18 (zackschen/IBM-Net, ``backbone/ResNet18_IB.py``: ``conv7x7`` with stride 2,
+  padding 3, then BatchNorm and ReLU, no pooling). :data:`STEMS` lists them.
 * :class:`ResNet32`: the CIFAR ResNet-32 of He et al. (three stages of five basic blocks, widths
   16/32/64), the target network of the hypernetwork papers.
 
@@ -16,6 +19,10 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+
+#: the valid ``stem`` values of :class:`ResNet18`
+STEMS = ("cifar", "imagenet", "imagenet-nomaxpool")
 
 
 def _bn(train: bool, name: str):
@@ -51,12 +58,13 @@ class _ResNet(nn.Module):
         if self.stem == "cifar":
             x = nn.Conv(self.widths[0], (3, 3), 1, padding=1, use_bias=False, name="conv1")(x)
             x = nn.relu(_bn(train, "bn1")(x))
-        elif self.stem == "imagenet":
+        elif self.stem in ("imagenet", "imagenet-nomaxpool"):
             x = nn.Conv(self.widths[0], (7, 7), 2, padding=3, use_bias=False, name="conv1")(x)
             x = nn.relu(_bn(train, "bn1")(x))
-            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+            if self.stem == "imagenet":
+                x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         else:
-            raise ValueError(f"unknown stem {self.stem!r}; valid: cifar, imagenet")
+            raise ValueError(f"unknown stem {self.stem!r}; valid: {', '.join(STEMS)}")
         for i, (w, n) in enumerate(zip(self.widths, self.blocks)):
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
