@@ -124,10 +124,16 @@ def test_pah_experiments_run_tiny_on_digits(name):
     sys.path.insert(0, "experiments")
     from test_hnet import _tiny
 
+    from clax.data.pipeline import DATA_DEFAULTS
+
     cfg = importlib.import_module(name).get_config()
     assert cfg["backbone"] == {"name": "resnet18", "nf": 20, "stem": "cifar"} and cfg["pah"]["alpha"] == 0.5
     assert cfg["pah"]["hidden"] == [16, 16] and cfg["pah"]["kd_direction"] == "student_teacher"
-    out = _tiny(cfg, 2)
+    # the authors' code: never in eval mode, no augmentation, 10% validation (only logged), label order
+    assert cfg["pah"]["bn"] == "batch" and cfg["train"]["val_fraction"] == 0.1 and not cfg["train"]["restore_best"]
+    assert cfg["data"]["augment"] == "off" and cfg["data"]["class_order"] == "natural"
+    assert cfg["data"]["normalize"] == ("half" if name == "pah_cifar100" else "imagenet")
+    out = _tiny({**cfg, "data": dict(DATA_DEFAULTS)}, 2)  # the digits take no data settings
     assert np.isfinite(out["acc"]) and out["accuracy_matrix"].shape == (2, 2)
     assert out["state"].cl.shared["protos"].shape == (2, 2, 10, 10, 1)
     assert_no_recompile_after_first_task(out)

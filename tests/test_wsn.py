@@ -107,7 +107,9 @@ def test_layer_filter_matching_nothing_is_refused_with_its_name(out):
 
 
 def test_experiment_config_runs_at_tiny_scale_with_zero_forgetting():
-    """experiments/wsn_cifar100.py on the offline digits: 2 tasks, 1 epoch, the MLP for ResNet-18."""
+    """experiments/wsn_cifar100.py on the offline digits: 2 tasks, the MLP for ResNet-18, WSN's schedule
+    (5% validation, plateau:6:2:1e-6, best-epoch restore) on: a task runs its epochs, keeps the best
+    validation epoch, and isolation still holds bit for bit."""
     import os
     import sys
 
@@ -115,14 +117,22 @@ def test_experiment_config_runs_at_tiny_scale_with_zero_forgetting():
     import wsn_cifar100
 
     from clax.config import apply_overrides
+    from clax.data.pipeline import DATA_DEFAULTS
 
     cfg = wsn_cifar100.get_config()
     assert cfg["backbone"] == {"name": "resnet18", "nf": 64, "stem": "cifar"} and cfg["wsn"]["c"] == 0.5
-    cfg = apply_overrides({**cfg, "benchmark": "split-digits"},
-                          ["backbone.name=mlp", "backbone.hidden=[32,32]", "train.epochs=1"])
+    assert cfg["train"]["val_fraction"] == 0.05 and cfg["train"]["lr_schedule"] == "plateau:6:2:1e-6"
+    assert cfg["train"]["restore_best"] is True and cfg["train"]["val_metric"] == "loss"
+    assert cfg["data"]["augment"] == "off" and cfg["data"]["class_order"] == "natural" and cfg["wsn"]["bn"] == "batch"
+    # the digits take no data settings: the data section back at its defaults
+    cfg = apply_overrides({**cfg, "benchmark": "split-digits", "data": dict(DATA_DEFAULTS)},
+                          ["backbone.name=mlp", "backbone.hidden=[32,32]", "train.epochs=2"])
     out = isolation_run("wsn", cfg=cfg, num_tasks=2)
     assert out["cfg"]["train"]["batch_size"] == 64
     assert_isolation(out)
+    # the validation split is on: every task records its epochs and its best (restored) epoch
+    assert [r["task"] for r in out["task_training"]] == [0, 1], out["task_training"]
+    assert all(0 <= r["best_epoch"] < r["epochs"] <= 2 for r in out["task_training"]), out["task_training"]
 
 
 def test_capacity_plot_writes_a_png(out, tmp_path):
