@@ -18,31 +18,35 @@ def shade(c: int) -> int:
     return 30 + 60 * c  # the grey level that marks class c (survives JPEG to +-2)
 
 
-def write_tiny_imagenet(root: str, train_per_class=3, val_per_class=2) -> str:
+def write_tiny_imagenet(root: str, train_per_class=3, val_per_class=2, size=64, wnids=WNIDS, colour=None) -> str:
     """tiny-imagenet-200 as released: wnids.txt, words.txt, train/<wnid>/images/<wnid>_<i>.JPEG (+ boxes
-    file), val/images/val_<k>.JPEG named in val/val_annotations.txt, test/images without labels."""
+    file), val/images/val_<k>.JPEG named in val/val_annotations.txt, test/images without labels; ``size``
+    x ``size`` images of one colour per class (``colour(c)``, default grey :func:`shade`)."""
+    colour = colour or (lambda c: (shade(c),) * 3)
+    ids = list(wnids)
+    words = WORDS if ids == WNIDS else [f"thing {c}" for c in range(len(ids))]
     base = os.path.join(root, "tiny-imagenet-200")
     os.makedirs(os.path.join(base, "val", "images"))
     os.makedirs(os.path.join(base, "test", "images"))
     with open(os.path.join(base, "wnids.txt"), "w") as f:
-        f.write("\n".join(reversed(WNIDS)) + "\n")  # the file's order is not the class order
+        f.write("\n".join(reversed(ids)) + "\n")  # the file's order is not the class order
     with open(os.path.join(base, "words.txt"), "w") as f:
-        f.writelines(f"{w}\t{n}\n" for w, n in zip(WNIDS, WORDS))
-    for c, w in enumerate(WNIDS):
+        f.writelines(f"{w}\t{n}\n" for w, n in zip(ids, words))
+    for c, w in enumerate(ids):
         d = os.path.join(base, "train", w, "images")
         os.makedirs(d)
         for i in range(train_per_class):
-            Image.new("RGB", (64, 64), (shade(c),) * 3).save(os.path.join(d, f"{w}_{i}.JPEG"), "JPEG")
+            Image.new("RGB", (size, size), colour(c)).save(os.path.join(d, f"{w}_{i}.JPEG"), "JPEG")
         with open(os.path.join(base, "train", w, f"{w}_boxes.txt"), "w") as f:
             f.writelines(f"{w}_{i}.JPEG\t0\t0\t63\t63\n" for i in range(train_per_class))
     rng = np.random.default_rng(0)
-    val = [c for c in range(len(WNIDS)) for _ in range(val_per_class)]
+    val = [c for c in range(len(ids)) for _ in range(val_per_class)]
     rng.shuffle(val)  # val images are not grouped by class: only the annotations say which is which
     with open(os.path.join(base, "val", "val_annotations.txt"), "w") as f:
         for k, c in enumerate(val):
-            Image.new("RGB", (64, 64), (shade(c),) * 3).save(os.path.join(base, "val", "images", f"val_{k}.JPEG"))
-            f.write(f"val_{k}.JPEG\t{WNIDS[c]}\t0\t0\t63\t63\n")
-    Image.new("RGB", (64, 64)).save(os.path.join(base, "test", "images", "test_0.JPEG"))
+            Image.new("RGB", (size, size), colour(c)).save(os.path.join(base, "val", "images", f"val_{k}.JPEG"))
+            f.write(f"val_{k}.JPEG\t{ids[c]}\t0\t0\t63\t63\n")
+    Image.new("RGB", (size, size)).save(os.path.join(base, "test", "images", "test_0.JPEG"))
     return base
 
 
@@ -135,3 +139,29 @@ def test_split_cifar10_reads_the_shared_class_folders(cifar10_dir):
     a2 = get_benchmark("split-cifar10", seed=0, view="image", data_dir=cifar10_dir).tasks[0].x_train[idx]
     np.testing.assert_array_equal(a1, a2)
     assert not np.array_equal(a1, t.x_train.with_augment(False)[idx])
+
+
+def test_class_order_and_per_class_of_the_data_section(tmp_path):
+    """data.class_order=natural puts the sorted folders in order; data.per_class keeps that many training
+    images of each class (seeded); the defaults keep the seeded order and every image."""
+    from clax.data.pipeline import benchmark_kwargs
+    from clax.data import BENCHMARKS
+
+    root = str(tmp_path / "ds")
+    classes = ["a", "b", "c", "d", "e", "f"]
+    write_folder(root, "train", classes, 3)
+    write_folder(root, "test", classes, 1)
+    kw = benchmark_kwargs(BENCHMARKS["image-folder"], {"data": {"class_order": "natural", "per_class": 2}})
+    assert kw == {"class_order": "natural", "per_class": 2}
+    b = image_folder(seed=5, data_dir=root, num_tasks=3, **kw)
+    assert [t.classes for t in b.tasks] == [(0, 1), (2, 3), (4, 5)]
+    assert all(len(t.y_train) == 4 for t in b.tasks) and all(len(t.y_test) == 2 for t in b.tasks)
+    seeded = image_folder(seed=5, data_dir=root, num_tasks=3)
+    assert [t.classes for t in seeded.tasks] != [(0, 1), (2, 3), (4, 5)]
+    assert all(len(t.y_train) == 6 for t in seeded.tasks)
+    tin = write_tiny_imagenet(str(tmp_path / "tin"))
+    for name in ("split-tinyimagenet", "split-tinyimagenet-20", "split-tinyimagenet32", "split-tinyimagenet32-20"):
+        assert benchmark_kwargs(BENCHMARKS[name], {"data": {"class_order": "natural", "per_class": 2}}, name)
+    b = get_benchmark("split-tinyimagenet", seed=0, view="image", data_dir=tin, num_tasks=2, class_order="natural",
+                      per_class=1)
+    assert [t.classes for t in b.tasks] == [(0, 1), (2, 3)] and all(len(t.y_train) == 2 for t in b.tasks)

@@ -109,6 +109,8 @@ BENCHMARKS: dict[str, Callable[..., Benchmark]] = _Registry({
     "split-cifar100-20": _tfds.split_cifar100_20,
     "split-tinyimagenet": _folder.split_tinyimagenet,
     "split-tinyimagenet-20": _folder.split_tinyimagenet_20,
+    "split-tinyimagenet32": _folder.split_tinyimagenet32,  # 32x32 re-encode: label figures "Tiny-ImageNet 32x32"
+    "split-tinyimagenet32-20": _folder.split_tinyimagenet32_20,
     "imagenet-r": _tfds.imagenet_r,
     "cub200": _tfds.cub200,
     "cub200-5": _tfds.cub200_5,
