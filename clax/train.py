@@ -904,7 +904,8 @@ def fit(
             if on_epoch_end:  # after the row, before an epoch-end checkpoint (clax.tracking's hook)
                 on_epoch_end(r, epoch, ts)
             s = (epoch + 1) * per_epoch
-            if due(s):  # the epoch's last step, its epoch finished: the next epoch starts from here
+            if due(s) and not vs.stop:  # the epoch's last step, its epoch finished: the next epoch starts here
+                # (a task that stops here has its task-end checkpoint at this same step instead)
                 _check_finite(ts, t, [], r, epoch + 1, per_epoch)
                 checkpoint(ts, Progress(r, s, A.copy(), b, train_s + time.perf_counter() - t0, n_steps,
                                         list(compiles_after_task), k_end, {}, task_records=list(records),

@@ -25,6 +25,12 @@ The stopped run is then run again in the same workdir and compared with an unint
 * ``metrics.csv``: every row and column except ``seconds`` (wall-clock): the mean loss, each of the
   method's named loss terms (all have ``ce``), ``lr`` and ``grad_norm``.
 
+The protocol features (issue 15) get the same treatment on replay (its memory reads the task's data):
+``train.val_fraction`` with a ``plateau`` schedule, ``early_stop`` and ``restore_best``, checkpointed every
+2 steps (3 batches an epoch, so checkpoints fall inside epochs and at their ends), stopped after every step
+and after every checkpoint of the reference run, and resumed: the same state, results (with
+``task_training``), metrics rows (with ``val_loss``, ``val_acc`` and the plateau's ``lr``) and checkpoints.
+
 To keep it cheap every run of a method shares one method object and one compiled :class:`Steps`
 (``clax.runner.build`` and ``clax.train.Steps`` are replaced by cached ones), so nothing recompiles
 between kill points, and the accuracy plot (not compared) is not drawn.
@@ -57,6 +63,11 @@ CHECKPOINT_STEPS = [g for g in range(1, TASKS * TASK_STEPS + 1) if g % PER_EPOCH
 KILLS = [("after step", g) for g in range(1, TASKS * TASK_STEPS + 1)] + [
     ("after checkpoint", g) for g in CHECKPOINT_STEPS]
 # timing fields that describe the process, not the run (see the module docstring)
+# the protocol run: replay with a validation split, plateau, early stopping and best-state restore
+PROTOCOL = "replay"
+PROTOCOL_EPOCHS, PROTOCOL_EVERY = 4, 2
+PROTOCOL_TRAIN = {"epochs": PROTOCOL_EPOCHS, "val_fraction": 0.25, "lr_schedule": "plateau:1:2:1e-3",
+                  "early_stop": 2, "restore_best": True, "val_metric": "acc", "lr": 0.05}
 PROCESS_FIELDS = ("train_s", "compiles", "compile_s", "compile_cache_hits", "step_traces", "traces",
                   "compiles_after_task")
 
@@ -76,12 +87,15 @@ def _built(name: str):
         cfg["backbone"]["hidden"] = [32, 32]
         cfg[name].update(SETTINGS.get(name, {}))
         cfg["checkpoint"] = {"every_steps": PER_EPOCH, "keep": 1}
+        if name == PROTOCOL:  # 48 rows, 12 held out: 36 trained in 3 batches of 16
+            cfg["train"].update(PROTOCOL_TRAIN)
+            cfg["checkpoint"]["every_steps"] = PROTOCOL_EVERY
         cfg["log"]["tensorboard"] = False  # event files and figures are tested in test_tracking.py
         bench = tiny_digits(TASKS)
         ctx = make_context(get_backbone("mlp", bench.input_shape, hidden=[32, 32]), bench, cfg["scenario"])
         method = get_method(name, ctx, **cfg[name])
         steps = Steps(method, make_optimizer(train_config(cfg), method), ctx.scenario)
-        plan = {"after_step": None, "after_checkpoint": None, "taken": 0}
+        plan = {"after_step": None, "after_checkpoint": None, "taken": 0, "saved": []}
         jitted = steps.train_step
 
         def train_step(*args):
@@ -105,6 +119,7 @@ def hooks(monkeypatch):
 
     def save_then_stop(mngr, ts, progress, config, rows=None):
         step = save(mngr, ts, progress, config, rows)
+        _built(config["method"])[3]["saved"].append(step)
         if step == _built(config["method"])[3]["after_checkpoint"]:
             mngr.wait_until_finished()
             raise Stop
@@ -115,7 +130,7 @@ def hooks(monkeypatch):
 
     def run(name, workdir, after_step=None, after_checkpoint=None):
         plan = _built(name)[3]
-        plan.update(after_step=after_step, after_checkpoint=after_checkpoint, taken=0)
+        plan.update(after_step=after_step, after_checkpoint=after_checkpoint, taken=0, saved=[])
         try:
             return runner.run(_built(name)[0], str(workdir), progress=False)
         finally:
@@ -184,6 +199,7 @@ def _assert_same_state(w, ref):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(meta["rows"]) == strip(ref_meta["rows"])
     assert meta["steps"] == ref_meta["steps"] and meta["tasks_done"] == ref_meta["tasks_done"] == TASKS
+    assert meta.get("task_records") == ref_meta.get("task_records")
 
 
 @pytest.mark.parametrize("kill", KILLS, ids=[f"{k.replace(' ', '-')}-{g}" for k, g in KILLS])
@@ -209,3 +225,31 @@ def test_a_run_stopped_at_any_step_and_resumed_ends_as_the_uninterrupted_run(nam
     assert _metrics(w) == _metrics(ref)
     _assert_same_state(w, ref)
     assert _steps(w) == _steps(ref)
+
+
+def test_a_protocol_run_stopped_at_any_step_or_checkpoint_and_resumed_ends_as_the_uninterrupted_run(
+        hooks, tmp_path_factory):
+    ref = tmp_path_factory.mktemp("reference-protocol")
+    hooks(PROTOCOL, ref)
+    written = list(_built(PROTOCOL)[3]["saved"])  # every checkpoint the uninterrupted run wrote
+    res = json.loads((ref / "results.json").read_text())
+    runs = res["task_training"]
+    # the features do something here: a task stops early, and a best epoch is not the last one run
+    assert any(r["stopped"] != "epochs" and r["epochs"] < PROTOCOL_EPOCHS for r in runs), runs
+    assert any(r["best_epoch"] < r["epochs"] - 1 for r in runs), runs
+    total = res["timing"]["steps"]
+    assert total == sum(r["epochs"] for r in runs) * PER_EPOCH
+    assert any(s % PER_EPOCH for s in written) and any(s % PER_EPOCH == 0 for s in written[:-1])
+    assert len(set(written)) == len(written)  # a task that stops early writes no in-task checkpoint at its end
+    rows = _metrics(ref)
+    assert {"val_loss", "val_acc", "lr"} <= set(rows[0]) and len({r["lr"] for r in rows}) > 1
+    kills = [("after_step", g) for g in range(1, total + 1)] + [("after_checkpoint", g) for g in written]
+    for where, g in kills:
+        w = tmp_path_factory.mktemp(f"protocol-{where}-{g}")
+        with pytest.raises(Stop):
+            hooks(PROTOCOL, w, **{where: g})
+        hooks(PROTOCOL, w)
+        assert _results(w) == _results(ref), (where, g)
+        assert _metrics(w) == _metrics(ref), (where, g)
+        _assert_same_state(w, ref)
+        assert _steps(w) == _steps(ref), (where, g)
