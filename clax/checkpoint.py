@@ -444,6 +444,6 @@ def load_resume(workdir: str, config: dict, method, tx,
                          f"use another --workdir")
     ts = restore_train_state(state["train_state"], method, tx)
     progress = progress_from(state, meta)
-    if progress.best_cl is not None:  # the best epoch's method state: same structure as the state's
+    if getattr(progress, "best_cl", None) is not None:  # the best epoch's method state: same structure as the state's
         progress.best_cl = restore_train_state({**state["train_state"], "cl": state["best_cl"]}, method, tx).cl
     return ts, progress, list(meta.get("rows", []))
