@@ -178,11 +178,24 @@ def test_experiment_config_runs_at_tiny_scale(name):
     cfg = mod.get_config()
     assert cfg["method"] == "clr" and cfg["train"]["lr"] == 1e-3 and cfg["train"]["epochs"] == 60
     assert cfg["backbone"]["stem"] == "imagenet" and cfg["backbone"]["nf"] == 64
-    cfg["benchmark"] = "split-digits"
-    cfg = apply_overrides(cfg, ["backbone.name=resnet18", *TINY, "backbone.stem=imagenet", "train.epochs=1"])
+    # the authors' loader: 224 x 224, ImageNet statistics, no augmentation; their best-epoch selection
+    assert cfg["data"] == {**cfg["data"], "image_size": 224, "normalize": "imagenet", "augment": "off"}
+    t = cfg["train"]
+    assert (t["val_fraction"], t["val_metric"], t["restore_best"], t["early_stop"]) == (0.1, "acc", True, 22)
+    assert t["lr_schedule"] == "step:20:0.1"
+    from clax.config import check_data
+    from clax.data import BENCHMARKS
+    from clax.data.pipeline import benchmark_kwargs
+    kw = benchmark_kwargs(BENCHMARKS[cfg["benchmark"]], cfg, cfg["benchmark"])  # what reaches the factory
+    assert kw["image_size"] == 224 and kw["augment"] is False and kw["mean"] == (0.485, 0.456, 0.406)
+    check_data(apply_overrides(cfg, ["data.image_size=32"]))  # the named 32 x 32 variant is a valid config
+    from clax.data.pipeline import DATA_DEFAULTS
+    cfg = {**cfg, "benchmark": "split-digits", "data": dict(DATA_DEFAULTS)}  # the digits take no data settings
+    cfg = apply_overrides(cfg, ["backbone.name=resnet18", *TINY, "backbone.stem=imagenet", "train.epochs=2"])
     assert cfg["train"]["lr"] == 0.01
     out = run_two_tasks(cfg)
     assert out["bwt"] == 0.0 and np.isfinite(out["acc"])
+    assert {"val_loss", "val_acc"} <= set(out["history"][0])  # the validation split was held out and measured
 
 
 def run_two_tasks(cfg):

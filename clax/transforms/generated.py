@@ -24,9 +24,16 @@ add nothing but a dependency.
 
 Shapes do not change with the task (the chunk count depends only on the target), so a new task adds
 no compilation.
+
+The output regulariser's lookahead with the optimizer's own step (von Oswald et al. 2020, the authors'
+``utils/optim_step.py:calc_delta_theta``) is :func:`lookahead_regulariser`: it needs the step the
+trainer's optimizer would take, which the trainer hands to the loss through :func:`optimizer_step`
+while it traces the train step.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import jax
@@ -128,3 +135,86 @@ def model(ctx: Context, s: dict, target: Target, name: str = "hnet"):
 
     return Model(name, init, forward, predict, targets=targets if ctx.scenario == "cil" else None,
                  mixed_tasks=False)
+
+
+# --- the lookahead with the optimizer's own step -------------------------------------------------------
+
+_OPTIMIZER_STEP: contextvars.ContextVar = contextvars.ContextVar("clax_optimizer_step", default=None)
+
+
+@contextlib.contextmanager
+def optimizer_step(fn: Callable):
+    """While the trainer traces a train step: ``fn(grads) -> updates``, the update its optimizer would
+    apply for a gradient ``grads`` over the trained tree (``{"shared", "task"}``, :func:`clax.train.trainable`)
+    from the optimizer state before this step, without changing that state (the method's update mask
+    applied to the gradient and to the update, as the step applies it). Read by :func:`current_optimizer_step`
+    inside the loss (:func:`lookahead_regulariser`). A trace-time value: nothing of it is stored."""
+    token = _OPTIMIZER_STEP.set(fn)
+    try:
+        yield
+    finally:
+        _OPTIMIZER_STEP.reset(token)
+
+
+def current_optimizer_step() -> Callable | None:
+    """The ``fn(grads) -> updates`` set by :func:`optimizer_step` around the step being traced, or None."""
+    return _OPTIMIZER_STEP.get()
+
+
+def lookahead_regulariser(hn: H.Hypernet, num_tasks: int, beta: float, params: str = "hnet", emb: str = "emb",
+                          name: str = "output_reg", setting: str = "hnet"):
+    """HNET's output regulariser (:func:`clax.transforms.output_reg.transform`, same state and snapshot)
+    evaluated after a lookahead by the OPTIMIZER's own step (``hnet.lookahead_step="optimizer"``):
+
+        reg = 1/t sum_{j<t} || W(e_j; theta + dtheta) - W(e_j; theta*) ||^2,
+        dtheta = stop_gradient(the update the trainer's optimizer would apply for dCE/dtheta)
+
+    with ``theta`` the hypernetwork ``cl.shared[params]`` (its weights and chunk embeddings; the task
+    embeddings take no lookahead) and CE the current task's cross-entropy through the chain's model. This is
+    von Oswald et al.'s lookahead as the authors' code computes it (hypercl / viki760
+    ``utils/optim_step.py:calc_delta_theta(theta_optimizer, use_sgd_change=False)``: Adam's step from its
+    moments before this step and the current gradient, detached, ``--backprop_dt`` off), where
+    ``lookahead_step="sgd"`` (:func:`clax.transforms.output_reg.transform`) stands in a plain gradient step.
+    The update comes from the trainer's optimizer (:func:`optimizer_step`) for a gradient that is
+    ``dCE/dtheta`` on ``theta`` and 0 elsewhere; with ``train.clip`` the clip's global norm is that of this
+    gradient alone. One difference from the authors' code: from the third task on their ``p.grad`` also holds
+    the H-embedding loss's gradient on the chunk embeddings when ``calc_delta_theta`` reads it
+    (``train_Hemb.py:train`` calls ``loss_emb.backward()`` first); here the step is on the task loss alone.
+
+    Raises:
+      ValueError: ``beta < 0`` (naming ``{setting}.beta``); at trace time, a trainer that does not provide
+        its optimizer's step (:func:`optimizer_step`), naming ``{setting}.lookahead_step``.
+    """
+    import jax.numpy as jnp
+    import optax
+
+    from clax.compose import state
+    from clax.transforms import output_reg
+
+    base = output_reg.transform(hn, num_tasks, beta, False, params=params, emb=emb, name=name, setting=setting)
+
+    def loss(cl, view, batch, key, t):
+        step = current_optimizer_step()
+        if step is None:
+            raise ValueError(f"{setting}.lookahead_step='optimizer' needs the step of the trainer's optimizer, "
+                             "which this trainer does not provide (clax.transforms.generated.optimizer_step); "
+                             f"use {setting}.lookahead_step=sgd")
+        model = view.model
+        const = jax.tree.map(jax.lax.stop_gradient, cl)  # dtheta is a constant of the loss (detached)
+
+        def task_ce(hp):
+            logits, _, _ = model.forward(const.replace(shared={**const.shared, params: hp}), batch["x"],
+                                         batch["tid"], t, True, key)
+            y = batch["y"] if model.targets is None else model.targets(batch["y"], batch["tid"], t)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        hparams = cl.shared[params]
+        g = jax.grad(task_ce)(const.shared[params])
+        zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
+        grads = {"shared": {**zeros(const.shared), params: g}, "task": zeros(P.task_row(const.per_task, t))}
+        delta = jax.lax.stop_gradient(step(grads)["shared"][params])
+        ahead = jax.tree.map(lambda p, d: p + d, hparams, delta)
+        reg = output_reg.output_regulariser(hn, ahead, cl.per_task[emb], state(cl, name)["targets"], t)
+        return beta * reg, {"reg": reg}
+
+    return base._replace(loss=loss)
