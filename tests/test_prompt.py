@@ -112,6 +112,40 @@ def test_til_with_prompts_forgets_nothing(til):
     assert til["params"]["bytes_per_task"][0] == n + f32
 
 
+def test_g_prompts_trained_in_every_task_change_earlier_tasks(til):
+    """g_prompt_tasks=all (the authors' Table-I schedule): task 0 trains exactly as with "first" (same
+    masks and head after the run), but task 1 moves the shared G-prompts, so task 0's logits change after
+    its training: TIL zero forgetting no longer holds by construction."""
+    out = quick_run("soft_tf", scenario="til", epochs=1, sets=PROMPTS + ["soft_tf.g_prompt_tasks=all"], num_tasks=2)
+    first, every = til["state"].cl, out["state"].cl
+    for k in ("mask", "head"):  # (to the last bits: the masked update compiles differently)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b[0], rtol=1e-5, atol=1e-6), first.per_task[k],
+                     every.per_task[k])
+    assert float(jnp.max(jnp.abs(first.shared["g_prompt"] - every.shared["g_prompt"]))) > 1e-3
+    np.testing.assert_allclose(out["logits_after_watch"], til["logits_after_watch"], rtol=1e-4, atol=1e-4)
+    drift = float(np.max(np.abs(out["logits_final"] - out["logits_after_watch"])))
+    assert drift > 1e-2, drift  # task 0's logits move while task 1 trains
+    assert out["report"]["prompts"]["g_prompt_tasks"] == "all"
+
+
+def test_g_prompts_may_have_their_own_length():
+    """g_prompt_length (the authors' ImageNet-R config: G 5, E 20): G-prompts of that length; where a block
+    has both, its prefix is G then E (``Lg + L`` tokens); the model runs with them."""
+    pr = prompt.init(jax.random.PRNGKey(0), 3, 16, 4, (0, 1), (1, 2), g_length=2)
+    assert pr["g"].shape == (2, 2, 2, 16) and pr["e"].shape == (3, 2, 2, 4, 16)
+    pre = prompt.prefixes(pr["g"], pr["e"][0], (0, 1), (1, 2))
+    assert {k: v.shape[2] for k, v in pre.items()} == {0: 2, 1: 6, 2: 4}
+    np.testing.assert_array_equal(pre[1][0, :, :2], pr["g"][1])
+    same = prompt.init(jax.random.PRNGKey(0), 3, 16, 4, (0, 1), (1, 2))  # g_length 0: the E-prompts' length
+    np.testing.assert_array_equal(same["e"], pr["e"])
+    bench, _, meth = build(quick_config("soft_tf", sets=PROMPTS + ["soft_tf.g_prompt_length=2"]))
+    cl = meth.init(jax.random.PRNGKey(0))
+    assert cl.shared["g_prompt"].shape == (2, 2, 2, 32) and cl.per_task["e_prompt"].shape[-2] == 3
+    t = bench.tasks[0]
+    logits = jax.jit(meth.predict)(cl, jnp.asarray(t.x_test[:4]), jnp.zeros(4, jnp.int32))
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
 def test_loss_adds_the_pull_constraint_and_a_new_task_starts_from_the_last_e_prompt():
     bench, ctx, meth = build(quick_config("soft_tf", scenario="cil", sets=PROMPTS + ["soft_tf.key_loss_weight=0.5"]))
     cl = meth.init(jax.random.PRNGKey(0))
@@ -166,6 +200,7 @@ def test_cil_prompt_rule_is_reported_beside_the_others_and_keys_learn():
     (PROMPTS[3:] + ["soft_tf.e_prompt_layers="], "soft_tf.e_prompt_layers must name at least one block"),
     (PROMPTS[3:] + ["soft_tf.prompt_length=0"], "soft_tf.prompt_length must be >= 1"),
     (PROMPTS[3:] + ["soft_tf.g_prompt_tasks=some"], "soft_tf.g_prompt_tasks must be one of first, all"),
+    (PROMPTS[3:] + ["soft_tf.g_prompt_length=-1"], "soft_tf.g_prompt_length"),
 ])
 def test_bad_prompt_settings_are_named(sets, match):
     with pytest.raises(ValueError, match=match):

@@ -1,17 +1,24 @@
 """Soft-TF: zero forgetting in TIL (soft and binary), stored bytes, CIL task-id inference report,
 bad input, experiment configs at tiny scale."""
 import importlib.util
+import inspect
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from battery import assert_no_recompile_after_first_task, assert_zero_forgetting, quick_config, quick_run
 from clax.config import apply_overrides
+from clax.data import BENCHMARKS
+from clax.data.pipeline import benchmark_kwargs
+from clax.methods import get_method, method_settings
 from clax.methods.frozen import checked_predict
 from clax.runner import build
-from clax.transforms import binary_mask
+from clax.transforms import binary_mask, task_inference
+from clax.transforms.task_inference import class_tasks, majority
 from clax.models import get_backbone
 from test_clr import run_two_tasks
 from test_pretrained import as_state_dict, assert_is_checkpoint, file_sha256, save_safetensors
@@ -86,10 +93,17 @@ def test_binary_variant_forgets_nothing_and_is_bit_packed():
     assert out["params"]["bytes_per_task"][0] == packed + head
 
 
-def test_cil_reports_task_id_accuracy_of_both_rules():
-    out = quick_run("soft_tf", scenario="cil", epochs=2, sets=TINY, num_tasks=3)
+@pytest.fixture(scope="module")
+def cil():
+    """A CIL run (per-sample task ids) the task-inference tests share."""
+    return quick_run("soft_tf", scenario="cil", epochs=2, sets=TINY, num_tasks=3)
+
+
+def test_cil_reports_task_id_accuracy_of_both_rules(cil):
+    out = cil
     ti = out["report"]["task_inference"]
     assert ti["rule"] == "ncm" and set(ti["task_id_accuracy"]) == {"ncm", "entropy"}
+    assert "vote" not in ti and "task_id_accuracy_batchwise" not in ti  # the vote is opt-in
     assert ti["task_id_accuracy"]["ncm"] > 0.5  # 3 tasks: chance is 1/3
     # the class accuracy of the default rule is the run's pooled final accuracy
     A, sizes = out["accuracy_matrix"][-1], np.array([len(t.y_test) for t in out["bench"].tasks])
@@ -130,16 +144,126 @@ def test_untrained_task_id_and_empty_filter_are_named(til):
         build(quick_config("soft_tf", sets=TINY + ["soft_tf.masked_blocks=4"]))
 
 
-@pytest.mark.parametrize("name", ["soft_tf_cifar100", "soft_tf_imagenet_r"])
-def test_experiment_config_runs_at_tiny_scale(name):
+def numpy_majority(ids, group):
+    """The batchwise vote in numpy: each group's most frequent id, the lowest on a tie."""
+    out = np.empty_like(ids)
+    for s in range(0, len(ids), group):
+        out[s:s + group] = np.argmax(np.bincount(ids[s:s + group]))
+    return out
+
+
+def test_majority_gives_each_group_its_most_frequent_id():
+    ids = jnp.array([0, 1, 1, 2, 2, 2, 0, 1, 2, 0], jnp.int32)
+    np.testing.assert_array_equal(majority(ids, 3, 3), [1, 1, 1, 2, 2, 2, 0, 0, 0, 0])  # tie -> lowest; last group of 1
+    rng = np.random.default_rng(0)
+    for b, g, t in [(24, 24, 10), (50, 7, 4), (5, 8, 3), (31, 1, 5)]:
+        ids = rng.integers(0, t, b).astype(np.int32)
+        v = np.asarray(majority(jnp.asarray(ids), g, t))
+        np.testing.assert_array_equal(v, numpy_majority(ids, g))
+        for s in range(0, b, g):  # one id per group
+            assert len(set(v[s:s + g])) == 1
+
+
+def test_batch_vote_predicts_the_group_majority_and_reports_both(cil):
+    """batch_vote=N: every row of a group of N consecutive test rows gets the group's majority of the
+    per-sample rule's task ids, the prediction (hence the accuracy matrix) uses it, and results.json's
+    task_inference gives the per-sample figures beside the batchwise ones."""
+    n = 7  # does not divide the task test sets: the last group of each is shorter
+    cfg = apply_overrides(cil["cfg"], [f"soft_tf.batch_vote={n}"])
+    voting = get_method("soft_tf", cil["ctx"], **method_settings(cfg))
+    meth, cl, bench = cil["method"], cil["state"].cl, cil["bench"]
+    class_task = class_tasks(cil["ctx"])
+    for t in bench.tasks:
+        x, y = jnp.asarray(t.x_test), t.targets(t.y_test, "cil")
+        per_sample = class_task[np.asarray(jnp.argmax(jax.jit(meth.predict)(cl, x, None), -1))]
+        pred = np.asarray(jnp.argmax(jax.jit(voting.predict)(cl, x, None), -1))
+        np.testing.assert_array_equal(class_task[pred], numpy_majority(per_sample, n))
+    # the report, on the last task (one shape to compile): both figures, computed as above
+    last = type(bench)(bench.name, bench.tasks[-1:], bench.num_classes, bench.input_shape)
+    ti = voting.test_report(cl, last)["task_inference"]
+    assert ti["vote"] == n and ti["rule"] == "ncm" and set(ti["task_id_accuracy_batchwise"]) == {"ncm", "entropy"}
+    assert ti["task_id_accuracy"]["ncm"] == pytest.approx(np.mean(per_sample == t.task_id))
+    assert ti["task_id_accuracy_batchwise"]["ncm"] == pytest.approx(np.mean(class_task[pred] == t.task_id))
+    assert ti["class_accuracy_batchwise"]["ncm"] == pytest.approx(np.mean(pred == y))
+    with pytest.raises(ValueError, match=r"soft_tf\.batch_vote"):
+        build(quick_config("soft_tf", scenario="cil", sets=TINY + ["soft_tf.batch_vote=-2"]))
+    with pytest.raises(ValueError, match="vote must be an integer >= 0"):
+        task_inference.task_inference(cil["ctx"], None, meth.predict, vote=-1)
+
+
+def test_label_smoothing_zero_is_plain_cross_entropy():
+    """The authors' loss: label_smoothing=0 is cross-entropy with integer labels over the task's classes
+    (other tasks' logits masked); 0.1, the method's default, is not."""
+    _, ctx, plain = build(quick_config("soft_tf", scenario="cil", sets=TINY + ["soft_tf.label_smoothing=0"]))
+    _, _, smooth = build(quick_config("soft_tf", scenario="cil", sets=TINY))
+    tid = jnp.array([0, 1, 2, 1], jnp.int32)
+    y = jnp.asarray([int(ctx.task_classes[t][i]) for t, i in zip([0, 1, 2, 1], [0, 1, 0, 1])])
+    logits = jax.random.normal(jax.random.PRNGKey(0), (4, ctx.num_outputs)) * 3
+    logits = jnp.where(ctx.output_mask()[tid], logits, -1e9)
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    np.testing.assert_allclose(plain.model.ce(logits, y, tid, 1), want, rtol=1e-6)
+    assert float(jnp.min(jnp.abs(smooth.model.ce(logits, y, tid, 1) - want))) > 1e-3
+
+
+def mask_blocks(sets, depth=12):
+    """The blocks whose weights a soft_tf built with ``sets`` masks (a tiny ViT of ``depth`` blocks)."""
+    _, _, meth = build(quick_config("soft_tf", sets=TINY + [f"backbone.depth={depth}", "backbone.patch=8"] + sets))
+    keys = sorted(meth.init(jax.random.PRNGKey(0)).per_task["mask"])
+    blocks = sorted({int(k.split(".")[0].split("_")[1]) for k in keys})
+    assert all(sorted(k for k in keys if k.startswith(f"blocks_{b}.")) == [
+        f"blocks_{b}.attn.proj.kernel", f"blocks_{b}.attn.qkv.kernel", f"blocks_{b}.mlp.fc1.kernel",
+        f"blocks_{b}.mlp.fc2.kernel"] for b in blocks), keys
+    return blocks
+
+
+def load_experiment(name):
+    """The experiments/ module ``name``."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_masked_layers_mask_exactly_the_named_blocks():
+    assert mask_blocks(["soft_tf.masked_layers=[1]"], depth=3) == [1]
+    assert mask_blocks(["soft_tf.masked_layers=[-1,0]"], depth=3) == [0, 2]
+    assert mask_blocks(["soft_tf.masked_blocks=2"], depth=3) == [1, 2]
+    with pytest.raises(ValueError, match=r"soft_tf\.masked_layers=\[5\]: layer 5 does not exist in a backbone of depth"):
+        build(quick_config("soft_tf", sets=TINY + ["soft_tf.masked_layers=[5]"]))
+    # the experiments' two named options on a 12-block ViT: the paper text's last three, the authors' code's one
+    for name, code in [("soft_tf_cifar100", [11]), ("soft_tf_imagenet_r", [5])]:
+        masked = load_experiment(name).MASKED
+        assert mask_blocks(masked["paper"]) == [9, 10, 11] and mask_blocks(masked["code"]) == code
+
+
+@pytest.mark.parametrize("name, base_lr, epochs", [("soft_tf_cifar100", 0.03, 20), ("soft_tf_imagenet_r", 0.005, 50)])
+def test_experiment_config_runs_at_tiny_scale(name, base_lr, epochs):
+    mod = load_experiment(name)
     cfg = mod.get_config()
     assert cfg["backbone"]["dim"] == 768 and cfg["train"]["batch_size"] == 24 and cfg["train"]["clip"] == 1.0
-    assert cfg["soft_tf"]["masked_blocks"] == 3 and cfg["soft_tf"]["label_smoothing"] == 0.1
+    # the authors' rate: base * batch / 256
+    assert cfg["train"]["lr"] == pytest.approx(base_lr * 24 / 256) and cfg["train"]["epochs"] == epochs
+    assert cfg["soft_tf"]["masked_blocks"] == 3 and cfg["soft_tf"]["label_smoothing"] == 0.0
+    assert cfg["train"]["eval_batch_size"] == 24
+    # the authors' [0, 1] inputs and natural class order reach the data set's factory
+    authors = apply_overrides(cfg, [o for o in mod.AUTHORS if o.startswith("data.")])
+    factory = BENCHMARKS[cfg["benchmark"]]
+    if "class_order" in inspect.signature(factory).parameters:
+        kw = benchmark_kwargs(factory, authors, cfg["benchmark"])
+        assert kw["mean"] is None and kw["std"] is None and kw["class_order"] == "natural"
     cfg["benchmark"] = "split-digits"
-    cfg = apply_overrides(cfg, ["backbone.patch=8", "backbone.depth=3", *TINY, "train.epochs=1", "scenario=til",
-                                "soft_tf.e_prompt_layers=[-1]"])  # the paper's blocks do not exist at depth 3
-    out = run_two_tasks(cfg)
+    tiny = ["backbone.patch=8", "backbone.depth=3", *TINY, "train.epochs=1", "scenario=til",
+            "soft_tf.e_prompt_layers=[-1]"]  # the paper's blocks do not exist at depth 3
+    out = run_two_tasks(apply_overrides(cfg, tiny))
     assert out["bwt"] == 0.0 and np.isfinite(out["acc"])
+    # the authors' options that split-digits takes (not the masked block 11/5, absent at depth 3) reach the
+    # method: G-prompts in every task, float32 masks, the vote over 24 rows
+    opts = [o for o in mod.AUTHORS if not o.startswith(("data.", "soft_tf.masked_layers"))]
+    bench, ctx, meth = build(apply_overrides(cfg, tiny + opts + ["scenario=cil"]))
+    cl = meth.init(jax.random.PRNGKey(0))
+    cl = cl.replace(extra={**cl.extra, "trained": jnp.ones_like(cl.extra["trained"])})  # every task may be chosen
+    assert meth.report(cl)["prompts"]["g_prompt_tasks"] == "all" and all(
+        tr.update_mask is None for tr in meth.transforms if tr.name == "prompts")
+    x = jnp.asarray(np.concatenate([t.x_test[:10] for t in bench.tasks[:3]]))
+    ids = class_tasks(ctx)[np.asarray(jnp.argmax(jax.jit(meth.predict)(cl, x, None), -1))]
+    assert len(set(ids[:24])) == 1 and len(set(ids[24:])) == 1  # one task id per group of 24

@@ -12,7 +12,8 @@ prepended to that block's attention keys and values (not to the queries, not to 
 
 Prompts and keys start uniform in ``[-1, 1]`` (DualPrompt's ``uniform`` initialiser). Where a block is
 in both ``g_layers`` and ``e_layers`` its prefix is the G-prompt followed by the E-prompt (length
-``2L``). Layer indices may be negative, counting from the last block (:func:`resolve_layers`).
+``Lg + L``; G-prompts may have their own length ``Lg``, as the authors' ImageNet-R config: 5 and 20).
+Layer indices may be negative, counting from the last block (:func:`resolve_layers`).
 
 The prompts are parameters of the model (Soft-TF's, :func:`clax.transforms.soft_mask.model`);
 :func:`dualprompt` is the transform of their training (the pull constraint, the E-prompt carried to the
@@ -47,16 +48,16 @@ def resolve_layers(name: str, layers: Sequence[int], depth: int) -> tuple[int, .
 
 
 def init(key: jax.Array, num_tasks: int, dim: int, length: int, g_layers: Sequence[int],
-         e_layers: Sequence[int]) -> dict[str, jax.Array]:
+         e_layers: Sequence[int], g_length: int = 0) -> dict[str, jax.Array]:
     """Prompts and keys, uniform in ``[-1, 1]``.
 
     Returns:
-      ``{"g": [G, 2, L, dim], "e": [T, E, 2, L, dim], "key": [T, dim]}`` with ``G = len(g_layers)``,
-      ``E = len(e_layers)``, ``L = length``, ``T = num_tasks``.
+      ``{"g": [G, 2, Lg, dim], "e": [T, E, 2, L, dim], "key": [T, dim]}`` with ``G = len(g_layers)``,
+      ``E = len(e_layers)``, ``L = length``, ``Lg = g_length or length``, ``T = num_tasks``.
     """
     kg, ke, kk = jax.random.split(key, 3)
     u = lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -1.0, 1.0)  # noqa: E731
-    return {"g": u(kg, (len(g_layers), 2, length, dim)),
+    return {"g": u(kg, (len(g_layers), 2, int(g_length or length), dim)),
             "e": u(ke, (num_tasks, len(e_layers), 2, length, dim)),
             "key": u(kk, (num_tasks, dim))}
 
@@ -72,7 +73,7 @@ def prefixes(g: jax.Array, e_row: jax.Array, g_layers: Sequence[int],
       g_layers, e_layers: resolved block indices (:func:`resolve_layers`).
 
     Returns:
-      One prefix per block in either list; ``L' = 2L`` where a block has both (G first).
+      One prefix per block in either list; ``L' = Lg + L`` where a block has both (G first).
     """
     out: dict[int, jax.Array] = {}
     for prompts, layers in ((g, g_layers), (e_row, e_layers)):
@@ -112,6 +113,8 @@ def check_settings(s: dict, method: str = "soft_tf") -> None:
         return
     if int(s["prompt_length"]) < 1:
         raise ValueError(f"{method}.prompt_length must be >= 1, got {s['prompt_length']}")
+    if int(s.get("g_prompt_length", 0)) < 0:
+        raise ValueError(f"{method}.g_prompt_length must be >= 0 (0: prompt_length), got {s['g_prompt_length']}")
     if not s["e_prompt_layers"]:
         raise ValueError(f"{method}.e_prompt_layers must name at least one block (the E-prompts carry the task keys)")
     if s["g_prompt_tasks"] not in ("first", "all"):

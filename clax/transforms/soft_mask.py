@@ -12,7 +12,8 @@ evaluated exactly as it is stored; :func:`stored_nbytes` gives the bytes.
 
 Soft-TF's pieces: :func:`model`, the frozen ViT under task ``t``'s masks (and DualPrompt prefixes) with
 per-task heads; :func:`stored`, the transform that replaces each task's mask row by its stored value at
-the task's end and counts its stored bytes; :func:`block_filter`, the masked blocks' filter.
+the task's end and counts its stored bytes; :func:`block_filter` (the last ``n`` blocks) and
+:func:`layer_filter` (named blocks), the masked blocks' filters.
 """
 from __future__ import annotations
 
@@ -112,6 +113,10 @@ def vit_depth(params) -> int:
     return sum(1 for k in params if str(k).startswith("blocks_"))
 
 
+def _blocks_regex(ids) -> str:
+    return rf"^blocks_({'|'.join(str(i) for i in ids)})/(attn/(qkv|proj)|mlp/(fc1|fc2))/kernel$"
+
+
 def block_filter(params, n: int) -> str:
     """The regex selecting qkv, proj, fc1 and fc2 kernels of the last ``n`` ViT blocks of ``params``
     (Soft-TF's ``masked_blocks``)."""
@@ -121,8 +126,22 @@ def block_filter(params, n: int) -> str:
                          "set soft_tf.mask_filter for other backbones")
     if not 1 <= n <= depth:
         raise ValueError(f"soft_tf.masked_blocks must be in 1..{depth} (the backbone's blocks), got {n}")
-    ids = "|".join(str(i) for i in range(depth - n, depth))
-    return rf"^blocks_({ids})/(attn/(qkv|proj)|mlp/(fc1|fc2))/kernel$"
+    return _blocks_regex(range(depth - n, depth))
+
+
+def layer_filter(params, layers, name: str = "soft_tf.masked_layers") -> str:
+    """The regex selecting qkv, proj, fc1 and fc2 kernels of the ViT blocks ``layers`` of ``params``
+    (block indices, negative ones counting from the last block; Soft-TF's ``masked_layers``, e.g. the
+    authors' runnable configs' ``[11]`` for CIFAR-100 and ``[5]`` for ImageNet-R).
+
+    Raises:
+      ValueError: no ViT blocks, or a layer outside them or repeated (naming the setting ``name``).
+    """
+    depth = vit_depth(params)
+    if depth == 0:
+        raise ValueError(f"{name} needs a ViT backbone (parameters blocks_0, blocks_1, ...); "
+                         "set soft_tf.mask_filter for other backbones")
+    return _blocks_regex(sorted(prompt.resolve_layers(name, layers, depth)))
 
 
 def model(ctx, params: PyTree, stats: PyTree, filter: str, binary: bool = False, keep=None,
@@ -132,7 +151,7 @@ def model(ctx, params: PyTree, stats: PyTree, filter: str, binary: bool = False,
     The frozen ViT ``params`` (``frozen["backbone"]``, all of it) runs task ``t`` with ``W_t = M_t * W``
     for the weights ``filter`` selects (:func:`init`; ``binary``: scores ``|W| * U(0.99, 1)`` whose top
     ``keep`` fraction is kept with a straight-through gradient) and, with ``prompts = (g_layers, e_layers,
-    length)``, DualPrompt prefixes (:mod:`clax.transforms.prompt`: G-prompts ``shared["g_prompt"]``,
+    length[, g_length])``, DualPrompt prefixes (:mod:`clax.transforms.prompt`: G-prompts ``shared["g_prompt"]``,
     task ``t``'s E-prompt ``per_task["e_prompt"]`` and key ``per_task["e_key"]``); then task ``t``'s head
     (``per_task["head"]``), other tasks' outputs masked. ``ce`` is cross-entropy with ``label_smoothing``
     over the task's classes. A training batch's rows of other tasks (rehearsal) are scored under their own
@@ -143,7 +162,7 @@ def model(ctx, params: PyTree, stats: PyTree, filter: str, binary: bool = False,
     """
     T, C, dim = ctx.num_tasks, ctx.num_outputs, ctx.backbone.feature_dim
     out_mask = ctx.output_mask()
-    g_layers, e_layers, length = prompts or ((), (), 0)
+    g_layers, e_layers, length, *g_length = prompts or ((), (), 0)
 
     def init_state(key):
         km, kh = jax.random.split(key)
@@ -154,7 +173,7 @@ def model(ctx, params: PyTree, stats: PyTree, filter: str, binary: bool = False,
         head = jax.vmap(lambda k: classifier.init_head(k, dim, C))(jax.random.split(kh, T))
         shared, per_task = {}, {"mask": masks, "head": head}
         if prompts:
-            pr = prompt.init(jax.random.fold_in(key, 1), T, dim, length, g_layers, e_layers)
+            pr = prompt.init(jax.random.fold_in(key, 1), T, dim, length, g_layers, e_layers, *g_length)
             per_task.update(e_prompt=pr["e"], e_key=pr["key"])
             if g_layers:
                 shared["g_prompt"] = pr["g"]

@@ -12,6 +12,19 @@ among the trained tasks (``cl.extra["trained"]``, :func:`clax.transforms.frozen.
 * any other, e.g. DualPrompt's key matching (:func:`clax.transforms.prompt.rule`).
 
 results.json reports (``task_inference``) the task-id accuracy and the class accuracy of every rule.
+
+Batchwise vote (opt-in, ``vote=N``; Soft-TF's ``batch_vote``): the rule's per-sample ids are replaced,
+in each group of ``N`` consecutive rows of a prediction batch, by their majority (:func:`majority`; a tie
+goes to the lower task id). This is how the CIL figures of Soft-TF's authors (and DualPrompt's
+``batchwise_prompt``) are computed: their test loader gives batches of 24 images of one task, and every
+image of a batch runs under the task most of its rows matched. It is **not a per-sample CIL protocol**:
+it uses the composition of the test batch (all rows of one task, consecutive), which leaks the task
+identity; a stream whose test batches mix tasks would see a different accuracy. With ``vote`` the
+accuracy matrix is computed with the vote (groups of ``N`` rows inside each evaluation batch of
+``train.eval_batch_size`` rows, whose padding rows, copies of its first rows, vote too: set
+``train.eval_batch_size`` to ``N`` for the authors' batches), and the report gives both rules' figures,
+per sample and batchwise (each task's test set cut into consecutive groups of ``N``, the last shorter,
+as the authors' loader does).
 """
 from __future__ import annotations
 
@@ -50,8 +63,20 @@ def entropy(superposed: Callable, out_mask, trained: str = "trained") -> Callabl
     return infer
 
 
+def majority(ids: jax.Array, group: int, num_tasks: int) -> jax.Array:
+    """``ids [B]`` (task ids in ``0..num_tasks-1``) with each group of ``group`` consecutive rows (the last
+    group shorter where ``group`` does not divide ``B``) replaced by the group's most frequent id (a tie
+    goes to the lowest id): the batchwise vote (see the module docstring; it uses the test batch's
+    composition, not a per-sample rule)."""
+    b = ids.shape[0]
+    seg = jnp.arange(b) // group
+    n = -(-b // group)
+    counts = jax.ops.segment_sum(jax.nn.one_hot(ids, num_tasks, dtype=jnp.int32), seg, num_segments=n)  # [G, T]
+    return jnp.argmax(counts, axis=-1).astype(jnp.int32)[seg]
+
+
 def task_inference(ctx, query: Callable, predict: Callable, rule: str = "ncm", rules: dict | None = None,
-                   name: str = "task_inference", trained: str = "trained") -> Transform:
+                   name: str = "task_inference", trained: str = "trained", vote: int = 0) -> Transform:
     """Task-id inference in CIL as a :class:`clax.compose.Transform` (owns ``task_inference``).
 
     Args:
@@ -60,11 +85,18 @@ def task_inference(ctx, query: Callable, predict: Callable, rule: str = "ncm", r
       predict: the model's ``(cl, x, tid) -> logits`` (for the report's class accuracy).
       rule: the rule prediction uses: ``"ncm"`` or a key of ``rules``.
       rules: further rules ``{name: (cl, x) -> [B]}`` (e.g. ``{"entropy": entropy(...)}``).
+      vote: 0 (per sample) or ``N``: prediction takes the majority of the rule's ids over each group of
+        ``N`` consecutive rows (:func:`majority`; uses the test batch's composition, see the module
+        docstring).
 
     State ``cl.extra[name] = {"class_means": [K, D]}`` (NCM's, set at the end of each task). The
     prediction wrapper infers ``tid`` where it is None; ``test_report`` gives ``task_inference``:
-    the rule, and per rule the task-id and class accuracy on every task's test set.
+    the rule, and per rule the task-id and class accuracy on every task's test set; with ``vote`` also
+    ``vote`` (``N``), ``task_id_accuracy_batchwise`` and ``class_accuracy_batchwise``.
     """
+    if isinstance(vote, bool) or not isinstance(vote, int) or vote < 0:
+        raise ValueError(f"task-inference vote must be an integer >= 0 (0: per sample), got {vote!r}")
+    T = ctx.num_tasks
     class_task = jnp.asarray(class_tasks(ctx))
 
     def ncm(cl, x):
@@ -77,7 +109,8 @@ def task_inference(ctx, query: Callable, predict: Callable, rule: str = "ncm", r
         return class_task[jnp.argmin(d, axis=-1)]
 
     every = {"ncm": ncm, **(rules or {})}
-    infer = every[rule]
+    per_sample = every[rule]
+    infer = (lambda cl, x: majority(per_sample(cl, x), vote, T)) if vote else per_sample
     features = jax.jit(query)
 
     def wrap(inner):
@@ -95,12 +128,21 @@ def task_inference(ctx, query: Callable, predict: Callable, rule: str = "ncm", r
                   jnp.full((len(t.y_test),), t.task_id, jnp.int32)) for t in bench.tasks]
         n = sum(len(y) for _, y, _ in tasks)
         tid_ok, cls_ok = {}, {}
+        tid_vote, cls_vote = {}, {}
+        pred_v = jax.jit(lambda cl, x, ids: jnp.argmax(predict(cl, x, ids), -1))  # given ids: one compile per shape
         for r, fn in every.items():
             infer_r = jax.jit(fn)
             pred_r = jax.jit(lambda cl, x, fn=fn: jnp.argmax(predict(cl, x, fn(cl, x)), -1))
             tid_ok[r] = sum(int(jnp.sum(infer_r(cl, x) == tid)) for x, _, tid in tasks) / n
             cls_ok[r] = sum(int(jnp.sum(pred_r(cl, x) == y)) for x, y, _ in tasks) / n
-        return {"task_inference": {"rule": rule, "task_id_accuracy": tid_ok, "class_accuracy": cls_ok}}
+            if vote:  # each task's test set in consecutive groups of `vote` rows, the last one shorter
+                ids = [majority(infer_r(cl, x), vote, T) for x, _, _ in tasks]
+                tid_vote[r] = sum(int(jnp.sum(i == tid)) for i, (_, _, tid) in zip(ids, tasks)) / n
+                cls_vote[r] = sum(int(jnp.sum(pred_v(cl, x, i) == y)) for i, (x, y, _) in zip(ids, tasks)) / n
+        out = {"rule": rule, "task_id_accuracy": tid_ok, "class_accuracy": cls_ok}
+        if vote:
+            out.update(vote=vote, task_id_accuracy_batchwise=tid_vote, class_accuracy_batchwise=cls_vote)
+        return {"task_inference": out}
 
     dim = ctx.backbone.feature_dim
     return Transform(name, init=lambda key, cl: {"class_means": jnp.zeros((ctx.num_outputs, dim), jnp.float32)},
