@@ -1,5 +1,5 @@
 """Where a frozen backbone comes from when no pretrained checkpoint is at hand: a short, offline,
-supervised pretraining on synthetic glyphs, cached on disk.
+supervised pretraining on synthetic glyphs, or on real images (CIFAR-10 class folders), cached on disk.
 
 What data. ``synthetic_glyphs`` draws ``num_classes`` (16) random glyph prototypes from a seed, each
 made of 2-4 straight pen strokes on an 8x8 canvas, and samples them with a random shift of up to one
@@ -17,15 +17,25 @@ What accuracy. The report (returned, written beside the weights as JSON and kept
 methods that use it) gives the accuracy on 20% held-out glyphs; on the methods' default backbones it
 is reported in the README and BENCHMARKS.md.
 
+Real images. ``pretrained="cifar10"`` (:func:`pretrain_cifar10`) pretrains the backbone + a linear head
+on the training split of a CIFAR-10 class folder (the methods' setting ``pretrain_data_dir``, e.g.
+../shared/data/cifar10-images.tar.gz extracted), resized to the backbone's input size, with CIFAR-10
+normalisation and crop + flip augmentation, for ``pretrain_steps`` Adam steps (lr 1e-3, batch 64); the
+report gives the accuracy on the whole CIFAR-10 test split. It is for the real-image streams
+(``split-tinyimagenet32``): a different data set, so the frozen features have seen none of the stream's
+images or labels. The glyph defaults of ``pretrain_steps`` (120-300) are far too few for it: use 1000
+or more.
+
 Which weights (:func:`pretrained_backbone`, the methods' setting ``pretrained``). A checkpoint the user
 gives (``backbone.pretrained=PATH``) is frozen exactly as loaded, bit for bit: glyph pretraining runs
 only when no checkpoint is given (``"auto"``, the default, or ``"glyphs"``; ``"glyphs"`` together with
 a checkpoint is refused, naming both settings), and ``"none"`` without a checkpoint is the random
 initialisation. The report (``results.json``'s ``pretrain``) says which: ``source`` is ``"file"`` (with
-the file's absolute ``path`` and ``sha256``), ``"glyphs"`` or ``"random"``.
+the file's absolute ``path`` and ``sha256``), ``"glyphs"``, ``"cifar10"`` or ``"random"``.
 
 Cache. Weights and report are written to ``cache_dir`` (a run's workdir: ``<workdir>/pretrain``) under a
-name hashed from the backbone's definition and the pretraining settings, as Flax msgpack (no pickle),
+name hashed from the backbone's definition and the pretraining settings (for CIFAR-10 also the folder's
+file names and sizes, not its path), as Flax msgpack (no pickle),
 and reused by later runs; within one process the result is also kept in memory. Both files are written
 atomically (temporary file, fsync, rename), the report last with the weights' SHA-256, so a run killed
 while writing leaves no part of a cache. A cache that is damaged anyway (a part missing, unreadable,
@@ -95,10 +105,13 @@ def to_view(x8: np.ndarray, input_shape) -> np.ndarray:
     return np.repeat(img[..., None], ch, axis=-1).astype(np.float32)
 
 
-def cache_key(backbone: Backbone, steps: int, seed: int) -> str:
-    """A name for the pretrained weights of ``backbone`` under these settings."""
-    desc = repr((repr(backbone.module), tuple(backbone.input_shape), steps, seed, "glyphs-v1"))
-    return f"{backbone.name}-glyphs-{hashlib.sha256(desc.encode()).hexdigest()[:12]}"
+def cache_key(backbone: Backbone, steps: int, seed: int, source: str = "glyphs", data: str = "") -> str:
+    """A name for the pretrained weights of ``backbone`` under these settings: ``source`` is ``"glyphs"``
+    or ``"cifar10"`` (then ``data`` is the folder's fingerprint, :func:`cifar10_folder`)."""
+    parts = (repr(backbone.module), tuple(backbone.input_shape), steps, seed, "glyphs-v1")
+    if source != "glyphs":
+        parts = parts[:-1] + (f"{source}-v1", data)
+    return f"{backbone.name}-{source}-{hashlib.sha256(repr(parts).encode()).hexdigest()[:12]}"
 
 
 def pretrain(backbone: Backbone, steps: int = 300, seed: int = 0, batch_size: int = 32, lr: float = 1e-3,
@@ -121,6 +134,139 @@ def pretrain(backbone: Backbone, steps: int = 300, seed: int = 0, batch_size: in
     perm = rng.permutation(len(y))
     n_test = len(y) // 5
     te, tr = perm[:n_test], perm[n_test:]
+
+    def batches():
+        order = None
+        for i in range(steps):
+            if i % (len(tr) // batch_size) == 0:
+                order = rng.permutation(tr)
+            j = (i % (len(tr) // batch_size)) * batch_size
+            b = order[j:j + batch_size]
+            yield x[b], y[b]
+
+    tr_vars, stats, loss, correct = _supervised(backbone, num_classes, batches(), lr, seed)
+
+    def accuracy(idx):
+        return float(sum(correct(x[idx[s:s + 256]], y[idx[s:s + 256]]) for s in range(0, len(idx), 256))) / len(idx)
+
+    report = {
+        "data": f"synthetic stroke glyphs, {num_classes} classes x {n_per_class} samples (seed {seed}); "
+                "no digit images or labels",
+        "train_samples": int(len(tr)), "heldout_samples": int(n_test), "steps": int(steps),
+        "batch_size": int(batch_size), "optimizer": f"adam lr {lr}", "final_loss": float(loss),
+        "heldout_accuracy": accuracy(te), "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return tr_vars["backbone"], stats, report
+
+
+#: what ``pretrain_cifar10`` expects in its folder (named in its errors)
+CIFAR10_LAYOUT = ("train/<class>/*.jpg and test/<class>/*.jpg, 10 class folders (e.g. "
+                  "../shared/data/cifar10-images.tar.gz extracted)")
+
+
+def _cifar10_view(backbone: Backbone) -> tuple[str, int]:
+    """``(view, image size)`` in which ``backbone`` reads CIFAR-10 images (resized where it reads another size)."""
+    shape = tuple(backbone.input_shape)
+    if len(shape) == 3 and shape[0] == shape[1] and shape[2] == 3:
+        return "image", int(shape[0])
+    if len(shape) == 1 and shape[0] % 3 == 0 and round((shape[0] // 3) ** 0.5) ** 2 * 3 == shape[0]:
+        return "flat", int(round((shape[0] // 3) ** 0.5))
+    raise ValueError(f"CIFAR-10 pretraining needs a backbone that reads square RGB images (H, H, 3) or their "
+                     f"flat H*H*3 vectors; backbone {backbone.name!r} reads {shape}")
+
+
+def cifar10_folder(data_dir: str):
+    """``(train (paths, labels), test (paths, labels), class names, fingerprint)`` of a CIFAR-10 class
+    folder (:data:`CIFAR10_LAYOUT`). The fingerprint is a SHA-256 of every file's relative path and size
+    (what the pretraining cache is keyed on, so another copy of the same files shares it).
+
+    Raises:
+      ValueError: a missing or malformed folder, or not 10 classes, naming the layout.
+    """
+    from clax.data.folder import scan_split
+
+    try:
+        ptr, ytr, classes = scan_split(data_dir, "train")
+        pte, yte, _ = scan_split(data_dir, "test", classes)
+    except ValueError as e:
+        raise ValueError(f"{e} (CIFAR-10 pretraining reads {CIFAR10_LAYOUT})") from None
+    if len(classes) != 10:
+        raise ValueError(f"{data_dir}/train has {len(classes)} class folders ({', '.join(classes[:12])}); "
+                         f"CIFAR-10 pretraining expects {CIFAR10_LAYOUT}")
+    h = hashlib.sha256()
+    for path in ptr + pte:
+        h.update(f"{os.path.relpath(path, data_dir)}\0{os.path.getsize(path)}\n".encode())
+    return (ptr, ytr), (pte, yte), classes, h.hexdigest()
+
+
+def pretrain_cifar10(backbone: Backbone, data_dir: str, steps: int = 2000, seed: int = 0, batch_size: int = 64,
+                     lr: float = 1e-3, folder=None) -> tuple[PyTree, PyTree, dict]:
+    """Supervised pretraining of ``backbone`` + a linear head on CIFAR-10 images from class folders.
+
+    Data: the ``train`` split of ``data_dir`` (:data:`CIFAR10_LAYOUT`), resized to the backbone's input
+    size where it differs from 32 (flattened for an MLP), normalised with the CIFAR-10 channel statistics
+    (the image benchmarks' default normalisation; Tiny-ImageNet's statistics differ by less than 0.05),
+    with the CIFAR-style augmentation (4-pixel zero padding, random crop, horizontal flip). CIFAR-10's
+    classes (vehicles and animals at 32x32) are a different data set from every continual stream in
+    clax; none of its images is in Tiny-ImageNet, though some of its concepts are (Tiny-ImageNet has
+    e.g. a sports car and a tabby cat), as with any ImageNet-pretrained backbone.
+
+    Training: ``steps`` Adam steps (``lr``, batches of ``batch_size`` drawn without replacement, epoch
+    after epoch, from a permutation seeded by ``seed``); the initialisation is keyed by ``seed``.
+
+    Held out: the accuracy on the whole ``test`` split (10,000 images in CIFAR-10), never trained on.
+
+    Args:
+      folder: the result of :func:`cifar10_folder` for ``data_dir`` when the caller has it.
+
+    Returns:
+      ``(params, batch_stats, report)``; the report names the data, the steps and the held-out accuracy.
+    """
+    from clax.data.folder import FileReader
+    from clax.data.pipeline import CIFAR_MEAN, CIFAR_STD, ImageSource, make_preprocess, prefetch
+
+    if steps < 1:
+        raise ValueError(f"pretrain steps must be >= 1, got {steps}")
+    if backbone.pretrained:
+        raise ValueError(f"CIFAR-10 pretraining starts from a random initialisation, but the backbone was built "
+                         f"with backbone.pretrained={backbone.pretrained!r} (a given checkpoint is frozen "
+                         f"exactly as loaded, never pretrained further)")
+    t0 = time.perf_counter()
+    view, size = _cifar10_view(backbone)
+    (ptr, ytr), (pte, yte), classes, _ = folder or cifar10_folder(data_dir)
+    pre_tr, pre_te = make_preprocess(view, 32, 3, size, CIFAR_MEAN, CIFAR_STD, True)
+    src_tr = ImageSource([(FileReader(ptr), np.arange(len(ptr)))], pre_tr, augment=True, seed=seed)
+    src_te = ImageSource([(FileReader(pte), np.arange(len(pte)))], pre_te)
+    ytr, yte = np.asarray(ytr, np.int32), np.asarray(yte, np.int32)
+    rng = np.random.default_rng([seed, 13])
+    per_epoch = max(1, len(ytr) // batch_size)
+
+    def batches():
+        order = None
+        for i in range(steps):
+            if i % per_epoch == 0:
+                order = rng.permutation(len(ytr))
+            b = order[(i % per_epoch) * batch_size:(i % per_epoch + 1) * batch_size]
+            yield src_tr[b], ytr[b]
+
+    tr_vars, stats, loss, correct = _supervised(backbone, len(classes), prefetch(batches()), lr, seed)
+    right = sum(int(correct(src_te[s:s + 500], yte[s:s + 500])) for s in range(0, len(yte), 500))
+    report = {
+        "data": f"CIFAR-10 class folders {os.path.abspath(data_dir)}: train split, {len(ytr)} images of "
+                f"{len(classes)} classes ({', '.join(classes)}), {size}x{size}, CIFAR-10 normalisation, crop "
+                f"and flip augmentation; held out: the test split",
+        "classes": list(classes), "train_samples": int(len(ytr)), "heldout_samples": int(len(yte)),
+        "image_size": int(size), "steps": int(steps), "epochs": round(steps * batch_size / len(ytr), 2),
+        "batch_size": int(batch_size), "optimizer": f"adam lr {lr}", "final_loss": float(loss),
+        "heldout_accuracy": right / len(yte), "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return tr_vars["backbone"], stats, report
+
+
+def _supervised(backbone: Backbone, num_classes: int, batches, lr: float, seed: int):
+    """Adam (``lr``) on backbone + a linear head from a random initialisation (key ``seed``), one step per
+    ``(x, y)`` of ``batches``. Returns ``(variables {"backbone", "head"}, batch_stats, last loss,
+    correct)``, where ``correct(x, y)`` counts the right eval-mode predictions of a batch."""
     kb, kh = jax.random.split(jax.random.PRNGKey(seed))
     params, stats = backbone.init(kb)
     head = classifier.init_head(kh, backbone.feature_dim, num_classes)
@@ -138,29 +284,14 @@ def pretrain(backbone: Backbone, steps: int = 300, seed: int = 0, batch_size: in
         return optax.apply_updates(v, upd), new, opt, loss
 
     @jax.jit
-    def correct(v, stats, xb, yb):
+    def _correct(v, stats, xb, yb):
         f, _ = backbone.apply(v["backbone"], stats, xb, False)
         return jnp.sum(jnp.argmax(classifier.head_logits(v["head"], f), -1) == yb)
 
-    for i in range(steps):
-        if i % (len(tr) // batch_size) == 0:
-            order = rng.permutation(tr)
-        j = (i % (len(tr) // batch_size)) * batch_size
-        b = order[j:j + batch_size]
-        tr_vars, stats, opt, loss = step(tr_vars, stats, opt, x[b], y[b])
-
-    def accuracy(idx):
-        return float(sum(correct(tr_vars, stats, x[idx[s:s + 256]], y[idx[s:s + 256]])
-                         for s in range(0, len(idx), 256))) / len(idx)
-
-    report = {
-        "data": f"synthetic stroke glyphs, {num_classes} classes x {n_per_class} samples (seed {seed}); "
-                "no digit images or labels",
-        "train_samples": int(len(tr)), "heldout_samples": int(n_test), "steps": int(steps),
-        "batch_size": int(batch_size), "optimizer": f"adam lr {lr}", "final_loss": float(loss),
-        "heldout_accuracy": accuracy(te), "seconds": round(time.perf_counter() - t0, 1),
-    }
-    return tr_vars["backbone"], stats, report
+    loss = float("nan")
+    for xb, yb in batches:
+        tr_vars, stats, opt, loss = step(tr_vars, stats, opt, xb, yb)
+    return tr_vars, stats, loss, lambda xb, yb: _correct(tr_vars, stats, xb, yb)
 
 
 def _check_tree(backbone: Backbone, params: PyTree, stats: PyTree, source: str) -> None:
@@ -225,7 +356,7 @@ def load(path: str, backbone: Backbone) -> tuple[PyTree, PyTree]:
 
 
 #: values of a frozen-backbone method's ``pretrained`` setting besides a path (see :func:`pretrained_backbone`)
-SOURCES = ("auto", "glyphs", "none")
+SOURCES = ("auto", "glyphs", "cifar10", "none")
 
 
 def _file_report(kind: str, path: str, sha256: str) -> dict:
@@ -234,7 +365,8 @@ def _file_report(kind: str, path: str, sha256: str) -> dict:
 
 
 def pretrained_backbone(backbone: Backbone, source: str = "auto", steps: int = 300, seed: int = 0,
-                        cache_dir: str = "", setting: str = "pretrained") -> tuple[PyTree, PyTree, dict]:
+                        cache_dir: str = "", setting: str = "pretrained", data_dir: str = "",
+                        data_setting: str = "pretrain_data_dir") -> tuple[PyTree, PyTree, dict]:
     """The frozen backbone's ``(params, batch_stats, report)``.
 
     A checkpoint the user gives is frozen exactly as loaded: glyph pretraining runs only when no
@@ -247,23 +379,30 @@ def pretrained_backbone(backbone: Backbone, source: str = "auto", steps: int = 3
         ``"auto"``: the backbone's checkpoint where it has one, else ``"glyphs"``.
         ``"glyphs"``: offline pretraining on synthetic glyphs (see the module docstring); refused when
         the backbone has a checkpoint (the two settings contradict each other).
+        ``"cifar10"``: offline supervised pretraining on the CIFAR-10 images in ``data_dir``
+        (:func:`pretrain_cifar10`); refused, like ``"glyphs"``, when the backbone has a checkpoint.
         ``"none"``: no pretraining: the backbone's checkpoint where it has one, else its random
         initialisation (key ``seed``; for ablations and fast tests); the report says which.
         A path: a ``.msgpack`` written by :func:`save`; refused when the backbone has a checkpoint too.
-      steps, seed: pretraining settings (``"glyphs"`` only; ``seed`` also keys the random initialisation).
+      steps, seed: pretraining settings (``"glyphs"`` and ``"cifar10"``; ``seed`` also keys the random
+        initialisation).
       cache_dir: where pretrained weights are cached (``""``: only in this process's memory).
       setting: the setting's name for error messages (``"clr.pretrained"``).
+      data_dir, data_setting: the CIFAR-10 folder (``"cifar10"`` only) and its setting's name
+        (``"clr.pretrain_data_dir"``).
 
     Raises:
       ValueError: a contradictory combination, naming both settings; a missing or unfitting file.
+      clax.config.ConfigError: ``"cifar10"`` without ``data_dir`` or with a folder not in the CIFAR-10
+        layout, naming ``data_setting`` and the layout.
     """
     ckpt = backbone.pretrained
     if ckpt:
         if source in ("auto", "none"):
             params, stats = backbone.init(jax.random.PRNGKey(seed))  # the loaded arrays, untouched
             return params, stats, _file_report("checkpoint", ckpt, backbone.pretrained_sha256)
-        what = ("pretrain the backbone on synthetic glyphs" if source == "glyphs"
-                else f"load other weights from {source!r}")
+        what = {"glyphs": "pretrain the backbone on synthetic glyphs", "cifar10": "pretrain the backbone on CIFAR-10"}.get(
+            source, f"load other weights from {source!r}")
         raise ValueError(f"{setting}={source!r} would {what}, but backbone.pretrained={ckpt!r} gives the "
                          f"weights to freeze, and a given checkpoint is frozen exactly as loaded: set "
                          f"{setting}=auto (or none) to use the checkpoint, or unset backbone.pretrained")
@@ -271,7 +410,7 @@ def pretrained_backbone(backbone: Backbone, source: str = "auto", steps: int = 3
         params, stats = backbone.init(jax.random.PRNGKey(seed))
         return params, stats, {"data": f"none (random initialisation, key {seed}; no checkpoint, no pretraining)",
                                "source": "random", "seed": int(seed), "steps": 0}
-    if source not in ("auto", "glyphs"):
+    if source not in ("auto", "glyphs", "cifar10"):
         from clax.models.pretrained import file_sha256
 
         if not os.path.isfile(source):
@@ -280,23 +419,39 @@ def pretrained_backbone(backbone: Backbone, source: str = "auto", steps: int = 3
         digest = file_sha256(source)
         params, stats = load(source, backbone)
         return params, stats, _file_report("clax weights", source, digest)
-    key = cache_key(backbone, steps, seed)
+    folder = None
+    if source == "cifar10":
+        from clax.config import ConfigError
+
+        if not data_dir:
+            raise ConfigError(f"{setting}=cifar10 needs {data_setting}: a CIFAR-10 folder with {CIFAR10_LAYOUT}")
+        try:
+            _cifar10_view(backbone)
+            folder = cifar10_folder(data_dir)
+        except ValueError as e:
+            raise ConfigError(f"{data_setting}={data_dir!r}: {e}") from None
+        key = cache_key(backbone, steps, seed, "cifar10", folder[3])
+    else:
+        source, key = "glyphs", cache_key(backbone, steps, seed)
     if key in _MEMO:
         return _MEMO[key]
     path = os.path.join(cache_dir, key + ".msgpack") if cache_dir else ""
-    found = _read_cache(path, backbone) if path else None
+    found = _read_cache(path, backbone, source) if path else None
     if found is not None:
         params, stats, report = found
     else:
-        params, stats, report = pretrain(backbone, steps, seed)
-        report = {"source": "glyphs", **report}
+        if source == "cifar10":
+            params, stats, report = pretrain_cifar10(backbone, data_dir, steps, seed, folder=folder)
+        else:
+            params, stats, report = pretrain(backbone, steps, seed)
+        report = {"source": source, **report}
         if path:
             save(path, params, stats, report)
     _MEMO[key] = (params, stats, report)
     return _MEMO[key]
 
 
-def _read_cache(path: str, backbone: Backbone) -> tuple[PyTree, PyTree, dict] | None:
+def _read_cache(path: str, backbone: Backbone, source: str = "glyphs") -> tuple[PyTree, PyTree, dict] | None:
     """The cached ``(params, batch_stats, report)`` at ``path`` (weights) and its ``.json`` (report with
     the weights' SHA-256), or None when there is no cache. A damaged cache (a part missing, unreadable,
     or not matching its checksum) is named in one line on stderr and set aside (renamed
@@ -334,5 +489,5 @@ def _read_cache(path: str, backbone: Backbone) -> tuple[PyTree, PyTree, dict] | 
         say(f"pretraining cache {path} is damaged ({' '.join(str(e).split())}); set aside as "
              f"{' and '.join(moved)}; pretraining again")
         return None
-    report = {"source": "glyphs", **{k: v for k, v in report.items() if k != "weights_sha256"}, "cached": path}
+    report = {"source": source, **{k: v for k, v in report.items() if k != "weights_sha256"}, "cached": path}
     return jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats), report
