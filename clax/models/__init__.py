@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from clax.models.mlp import MLP
-from clax.models.resnet import ResNet18, ResNet32
+from clax.models.resnet import STEMS, ResNet18, ResNet32
 from clax.models.vit import ViT
 from clax.settings import POSITIVE, POSITIVE_INT, WIDTHS, check_settings, one_of
 
@@ -84,7 +84,7 @@ BACKBONES: dict[str, tuple[Callable[..., nn.Module], dict, str]] = {
 #: what each backbone setting must be beyond its default's type (see :mod:`clax.settings`)
 BACKBONE_RULES: dict[str, dict] = {
     "mlp": {"hidden": WIDTHS},
-    "resnet18": {"nf": POSITIVE_INT, "stem": one_of("cifar", "imagenet")},
+    "resnet18": {"nf": POSITIVE_INT, "stem": one_of(*STEMS)},
     "resnet32": {"nf": POSITIVE_INT},
     "vit": {"patch": POSITIVE_INT, "dim": POSITIVE_INT, "depth": POSITIVE_INT, "heads": POSITIVE_INT,
             "mlp_ratio": POSITIVE},
