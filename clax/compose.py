@@ -32,6 +32,8 @@ After the optimizer's update, ``tr.on_update(cl, grads, updates, t)`` (SI's path
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -356,3 +358,27 @@ def join(*methods, scenario: Optional[str] = None):
     transforms = tuple(tr for m in methods for tr in m.transforms)
     return chain(model, *transforms, name="+".join(m.name for m in methods), scenario=scenario,
                  evaluates_unseen=all(m.evaluates_unseen for m in methods))
+
+
+# --- the optimizer's step, for losses that look ahead by it (hnet.lookahead_step=optimizer) ----------------
+
+_OPTIMIZER_STEP: contextvars.ContextVar = contextvars.ContextVar("clax_optimizer_step", default=None)
+
+
+@contextlib.contextmanager
+def optimizer_step(fn: Callable):
+    """While the trainer traces a train step: ``fn(grads) -> updates``, the update its optimizer would
+    apply for a gradient ``grads`` over the trained tree (``{"shared", "task"}``, :func:`clax.train.trainable`)
+    from the optimizer state before this step, without changing that state (the method's update mask
+    applied to the gradient and to the update, as the step applies it). Read by :func:`current_optimizer_step`
+    inside the loss (:func:`lookahead_regulariser`). A trace-time value: nothing of it is stored."""
+    token = _OPTIMIZER_STEP.set(fn)
+    try:
+        yield
+    finally:
+        _OPTIMIZER_STEP.reset(token)
+
+
+def current_optimizer_step() -> Callable | None:
+    """The ``fn(grads) -> updates`` set by :func:`optimizer_step` around the step being traced, or None."""
+    return _OPTIMIZER_STEP.get()

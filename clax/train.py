@@ -26,6 +26,7 @@ from clax.methods.base import Context, Method, TaskData
 from clax.metrics import CompileCounter, summarize
 from clax.models import Backbone
 from clax.partition import CLState
+from clax.compose import optimizer_step
 
 PyTree = Any
 
@@ -541,12 +542,19 @@ class Steps:
             def loss_fn(tr):
                 return method.loss(with_trainable(ts.cl, t, tr), batch, sub, t)
 
-            (loss, (state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tr)
+            mask = method.update_mask(ts.cl, t) if method.update_mask else None
+
+            def would_update(g):  # the update this step's optimizer would apply for g (state unchanged)
+                g = g if mask is None else _where_mask(mask, g)
+                u = tx.update(g, ts.opt_state, tr)[0]
+                return u if mask is None else _where_mask(mask, u)
+
+            with optimizer_step(would_update):  # a loss may look ahead by it (hnet.lookahead_step=optimizer)
+                (loss, (state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tr)
             clash = sorted(set(metrics) & set(RESERVED_METRICS))
             if clash:
                 raise ValueError(f"method {method.name!r} returns a loss term named {clash[0]!r}; that name is "
                                  f"a metrics.csv column of the trainer ({', '.join(RESERVED_METRICS)})")
-            mask = method.update_mask(ts.cl, t) if method.update_mask else None
             if mask is not None:
                 grads = _where_mask(mask, grads)
             grad_norm = optax.tree.norm(grads)

@@ -32,8 +32,6 @@ while it traces the train step.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import jax
@@ -139,26 +137,7 @@ def model(ctx: Context, s: dict, target: Target, name: str = "hnet"):
 
 # --- the lookahead with the optimizer's own step -------------------------------------------------------
 
-_OPTIMIZER_STEP: contextvars.ContextVar = contextvars.ContextVar("clax_optimizer_step", default=None)
-
-
-@contextlib.contextmanager
-def optimizer_step(fn: Callable):
-    """While the trainer traces a train step: ``fn(grads) -> updates``, the update its optimizer would
-    apply for a gradient ``grads`` over the trained tree (``{"shared", "task"}``, :func:`clax.train.trainable`)
-    from the optimizer state before this step, without changing that state (the method's update mask
-    applied to the gradient and to the update, as the step applies it). Read by :func:`current_optimizer_step`
-    inside the loss (:func:`lookahead_regulariser`). A trace-time value: nothing of it is stored."""
-    token = _OPTIMIZER_STEP.set(fn)
-    try:
-        yield
-    finally:
-        _OPTIMIZER_STEP.reset(token)
-
-
-def current_optimizer_step() -> Callable | None:
-    """The ``fn(grads) -> updates`` set by :func:`optimizer_step` around the step being traced, or None."""
-    return _OPTIMIZER_STEP.get()
+from clax.compose import current_optimizer_step, optimizer_step  # noqa: E402,F401  (the trainer sets it)
 
 
 def lookahead_regulariser(hn: H.Hypernet, num_tasks: int, beta: float, params: str = "hnet", emb: str = "emb",
