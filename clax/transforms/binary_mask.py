@@ -201,11 +201,46 @@ def stored(cl, t, name: str = "packed"):
     return jax.tree.unflatten(treedef, out)
 
 
+def is_stored(cl, t, name: str = "packed"):
+    """Whether row ``t`` of the :func:`packed` transform ``name`` holds a stored mask (``t``'s task has
+    ended): a stored mask keeps at least one weight of every layer, so its row has a nonzero byte, and
+    rows start all zero. A Python bool where ``t`` and the state are concrete (no XLA computation), else
+    a traced bool scalar."""
+    rows = state(cl, name)
+    if not isinstance(t, jax.core.Tracer) and not isinstance(rows, jax.core.Tracer):
+        return bool(np.any(np.asarray(rows[int(t)])))
+    return jnp.any(rows[t] != 0)
+
+
+def live_or_stored(cl, t, c: float, name: str = "packed"):
+    """Task ``t``'s mask (bool tree over ``shared["weights"]``) as predictions use it: the stored one
+    (:func:`stored`) once row ``t`` holds it (:func:`is_stored`), else, while task ``t`` trains, the
+    top-``c`` of the live scores (:func:`top_fractions`, the training step's mask without its
+    straight-through gradient). With a traced ``t`` one ``lax.cond`` picks the branch (shapes do not
+    depend on ``t``: one compilation for every task; the live top-c runs only where taken).
+
+    The authors' WSN validates (``mode="valid"``) with the mask of the last training forward pass,
+    i.e. of the scores before the epoch's last optimizer step; clax's live mask is that of the current
+    scores (the one the next step would train), so the two differ by at most one step's mask change."""
+    def from_row(cl):
+        return jax.tree.leaves(stored(cl, t, name))
+
+    def live(cl):
+        return [m > 0 for m in top_fractions(jax.tree.leaves(cl.shared["scores"]), c)]
+
+    treedef = jax.tree.structure(cl.shared["weights"])
+    flag = is_stored(cl, t, name)
+    if isinstance(flag, bool):
+        return stored(cl, t, name) if flag else jax.tree.unflatten(treedef, live(cl))
+    return jax.tree.unflatten(treedef, jax.lax.cond(flag, from_row, live, cl))
+
+
 def top_c(c: float, store: str = "packed") -> consolidation.Mask:
     """WSN's mask (:class:`~clax.transforms.consolidation.Mask`): one live score tensor per masked
     weight, ``shared["scores"]`` (drawn by :func:`init_scores` from the second half of the init key),
     trained at every position; task ``t`` trains ``W * top_fraction_ste(scores, c)`` and is tested with
-    its mask as stored by the :func:`packed` transform ``store``."""
+    its mask as stored by the :func:`packed` transform ``store`` (:func:`live_or_stored`: before the
+    task's end, e.g. for validation during its epochs, with the top-c of the live scores)."""
     def init(key, net):
         k_net, k_scores = jax.random.split(key)
         cl = net(k_net)
@@ -217,7 +252,7 @@ def top_c(c: float, store: str = "packed") -> consolidation.Mask:
         return consolidation.apply_masks(cl.shared["weights"], m), {}
 
     def test(cl, t):
-        return consolidation.apply_masks(cl.shared["weights"], stored(cl, t, store))
+        return consolidation.apply_masks(cl.shared["weights"], live_or_stored(cl, t, c, store))
 
     return consolidation.Mask("top_c", init, train, test, lambda cl, t: stored(cl, t, store))
 
