@@ -155,3 +155,75 @@ def test_training_mask_is_the_sorts_without_a_sort_in_the_step(out):
     assert jaxpr.count("while[") == len(jax.tree.leaves(cl.shared["scores"]))  # a count-narrowed search per layer
     for sc in jax.tree.leaves(cl.shared["scores"]):
         np.testing.assert_array_equal(binary_mask.top_fraction(sc, 0.5), binary_mask.top_fraction_sorted(sc, 0.5))
+
+
+@pytest.fixture(scope="module")
+def val_run():
+    """2 tasks, 1 epoch, 20% validation: the state at each epoch's end (when the task's row is not stored
+    yet) and task 0's test logits after task 0, in task 1's epoch and at the end."""
+    from battery import quick_config
+    from clax.config import train_config
+    from clax.runner import build
+    from clax.train import fit, make_context
+
+    cfg = quick_config("wsn", "split-digits", "til", 1, SMALL + ("train.val_fraction=0.2",))
+    bench, ctx, meth = build(cfg)
+    bench = type(bench)(bench.name, bench.tasks[:2], bench.num_classes, bench.input_shape)
+    ctx = make_context(ctx.backbone, bench, "til")
+    meth = get_method("wsn", ctx, **cfg["wsn"])
+    x0 = jnp.asarray(bench.tasks[0].x_test)
+    t0 = jnp.zeros(x0.shape[0], jnp.int32)
+    predict = jax.jit(meth.predict)
+    mid, logits0 = {}, []
+
+    def on_epoch_end(t, epoch, ts):
+        mid[t] = jax.tree.map(np.asarray, ts.cl)
+        if t == 1:
+            logits0.append(np.asarray(predict(ts.cl, x0, t0)))
+
+    def on_task_end(t, ts, A):
+        logits0.append(np.asarray(predict(ts.cl, x0, t0)))
+
+    out = fit(meth, ctx, bench, train_config(cfg), progress=False, on_epoch_end=on_epoch_end,
+              on_task_end=on_task_end)
+    out.update(mid=mid, logits0=logits0, method=meth, ctx=ctx, bench=bench, cfg=cfg)
+    return out
+
+
+def test_validation_during_a_task_uses_the_live_top_c_mask(val_run):
+    """The task's mask is stored only at its end; before that (validation, plateau, best-epoch restore)
+    it is predicted with the top-c of the live scores, the training step's mask: its val_acc is that
+    mask's accuracy on the held-out rows, computed here with the sort-based top-c, far above chance."""
+    from clax.train import validation_split
+
+    out, ctx = val_run, val_run["ctx"]
+    rows = {r["task"]: r for r in out["history"]}
+    for task in out["bench"].tasks:
+        t = task.task_id
+        cl = out["mid"][t]
+        assert not np.asarray(cl.extra["packed"][t]).any()  # not stored yet at validation time
+        masks = jax.tree.map(lambda s: binary_mask.top_fraction_sorted(jnp.asarray(s), 0.5) > 0, cl.shared["scores"])
+        w_eff = consolidation.apply_masks(cl.shared["weights"], masks)
+        _, val = validation_split(np.asarray(task.y_train), 0.2, out["cfg"]["seed"], t)
+        x = jnp.asarray(np.asarray(task.x_train)[val])
+        y = task.targets(np.asarray(task.y_train)[val], "til")
+        logits, _ = consolidation.forward(cl, ctx, w_eff, x, t, jnp.full(len(val), t, jnp.int32), train=False)
+        acc = float(np.mean(np.argmax(np.asarray(logits), -1) == y))
+        assert acc > 0.8, acc  # two classes a task: chance is 0.5
+        assert rows[t]["val_acc"] == acc, (rows[t]["val_acc"], acc)
+    assert out["timing"]["traces"]["eval_step"] == 1  # one compilation serves stored and live masks
+
+
+def test_a_stored_task_is_predicted_with_its_stored_mask_bit_for_bit(val_run):
+    """Task 0's logits after its end, during task 1's epochs (task 1 on its live mask) and at the end:
+    identical, and those of task 0's stored mask."""
+    out = val_run
+    after0, during1, end = out["logits0"]
+    np.testing.assert_array_equal(after0, during1)
+    np.testing.assert_array_equal(after0, end)
+    cl = out["state"].cl
+    w_eff = consolidation.apply_masks(cl.shared["weights"], binary_mask.stored(cl, 0))
+    x0 = jnp.asarray(out["bench"].tasks[0].x_test)
+    logits, _ = consolidation.forward(cl, out["ctx"], w_eff, x0, 0, jnp.zeros(x0.shape[0], jnp.int32), train=False)
+    np.testing.assert_allclose(np.asarray(logits), end, rtol=1e-5, atol=1e-5)
+    assert binary_mask.is_stored(cl, 0) and binary_mask.is_stored(cl, 1)
