@@ -12,7 +12,9 @@ As the authors' code (ihaeyong/WSN, ``networks/subnet.py`` and ``main_wsn_*.py``
   straight-through gradient through the absolute value (``dL/ds = g * sign(s)``). The network of task
   ``t`` is ``W * m_t``.
 * After the task, ``m_t`` is stored bit-packed (``extra["packed"]``, one row of bytes per task;
-  predictions read it back) and joins the consolidated union: those weights are reused by later tasks
+  predictions read it back; before the task's end, i.e. validation, ``eval.every_epoch`` and the
+  best-epoch choice during its epochs, they use the top-c of the live scores,
+  :func:`clax.transforms.binary_mask.live_or_stored`) and joins the consolidated union: those weights are reused by later tasks
   but never updated again. Per task only the bit mask, the head and the task's biases and BatchNorm
   parameters are stored; the scores are one live tensor, not stored per task.
 

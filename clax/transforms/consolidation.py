@@ -68,7 +68,10 @@ class Mask(NamedTuple):
         splits the key as it needs and adds its parameters (``shared``/``per_task``).
       train: ``(cl, t, key) -> (W_eff, aux)``: the weights task ``t`` (traced) trains with, and what
         transforms may read of them (``aux``: 0-d leaves or trees of per-layer scalars).
-      test: ``(cl, t) -> W_eff``: task ``t``'s weights at test time (and for its BatchNorm refresh).
+      test: ``(cl, t) -> W_eff``: task ``t``'s weights at test time (and for its BatchNorm refresh);
+        also called during task ``t``'s epochs (validation, ``eval.every_epoch``), before its
+        ``end_task``, so it must not read anything only ``end_task`` sets (WSN's stored mask:
+        :func:`clax.transforms.binary_mask.live_or_stored`).
       task: ``(cl, t) -> bool tree``: task ``t``'s mask over ``W``: what consolidates at the end of the
         task and what the capacity report counts.
     """
