@@ -130,17 +130,76 @@ def cmd_run(args) -> int:
         return 0
     # The main job: every method, every scenario it supports, one table.
     root = args.workdir or os.path.join("runs", f"main-{bench_name}-s{args.seed}")
-    rows, t0 = [], time.perf_counter()
-    for name, spec in METHODS.items():
-        for scen in ([args.scenario] if args.scenario else spec.scenarios):
-            if scen not in spec.scenarios:
-                continue
+    runs = [(name, scen) for name, spec in METHODS.items()
+            for scen in ([args.scenario] if args.scenario else spec.scenarios) if scen in spec.scenarios]
+    jobs = default_jobs() if args.jobs is None else args.jobs
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    t0 = time.perf_counter()
+    if jobs == 1 or len(runs) < 2:
+        rows = []
+        for name, scen in runs:
             print(f"== {name} ({scen.upper()})", flush=True)
             rows.append(_run_one(args, name, scen, os.path.join(root, f"{name}-{scen}")))
+    else:
+        rows = _run_parallel(args, runs, root, jobs)
     print()
     print(format_table(rows))
-    print(f"\n{len(rows)} runs in {time.perf_counter() - t0:.0f} s; workdirs under {root}/")
+    print(f"\n{len(rows)} runs in {time.perf_counter() - t0:.0f} s ({jobs} worker process{'es' if jobs > 1 else ''}); "
+          f"workdirs under {root}/")
     return 0
+
+
+def default_jobs() -> int:
+    """The main job's worker processes when ``--jobs`` is not given: 2 where the machine has at least 2
+    cores (one JAX process leaves the second core mostly idle while it compiles), else 1."""
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def _worker_runs(args, group: list, root: str) -> list:
+    """Runs one method's runs (``[(name, scenario)]``) in order in a worker process of the main job:
+    the runs of a method share its pretraining and compiled code. Returns their results."""
+    out = []
+    for name, scen in group:
+        t0 = time.perf_counter()
+        out.append(_run_one(args, name, scen, os.path.join(root, f"{name}-{scen}")))
+        print(f"== {name} ({scen.upper()}) done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+#: the methods whose runs take longest on the main job (pretraining, hypernetworks, masks), started first
+HEAVY = ("clr", "soft_tf", "hembed", "hnet", "pah", "ibm", "wsn", "packnet")
+
+
+def schedule(runs: list) -> dict:
+    """The main job's runs ``[(method, scenario)]`` grouped by method (a group runs in one worker, in
+    order), the groups in the order they are started: the :data:`HEAVY` methods first, in that order,
+    then the others by decreasing number of runs (registry order among equals)."""
+    groups: dict = {}
+    for name, scen in runs:
+        groups.setdefault(name, []).append((name, scen))
+    order = sorted(groups, key=lambda n: (n not in HEAVY, HEAVY.index(n) if n in HEAVY else -len(groups[n])))
+    return {n: groups[n] for n in order}
+
+
+def _run_parallel(args, runs: list, root: str, jobs: int) -> list:
+    """The main job's runs on ``jobs`` worker processes (spawned, so each has its own JAX). The runs of
+    one method stay in one process, in order; the methods with the most runs and the heaviest
+    (frozen backbones, hypernetworks, masks) start first. Results come back in the registry's order,
+    as the sequential job prints them; a failed run stops the job with its error once the running
+    ones have finished."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    groups = schedule(runs)
+    args = argparse.Namespace(**{**vars(args), "quiet": True})  # bars from several processes would interleave
+    results: dict = {}
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_worker_runs, args, group, root): n for n, group in groups.items()}
+        for fut in cf.as_completed(futures):
+            for (name, scen), res in zip(groups[futures[fut]], fut.result()):
+                results[(name, scen)] = res
+    return [results[r] for r in runs]
 
 
 def plain(text: str) -> str:
@@ -322,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "lists a method's with defaults and valid values) and the config's other sections; an "
                         "unknown key is refused, naming the valid ones. Default: none")
     r.add_argument("--quiet", action="store_true", help="no progress bars. Default: off (bars on a terminal)")
+    r.add_argument("--jobs", type=int, metavar="N",
+                   help="without --method: worker processes that run the main job's runs side by side (each "
+                        "method's runs stay in one process, in order), an integer >= 1. Default: 2 on a machine "
+                        "with at least 2 cores, else 1")
     r.add_argument("--fresh", action="store_true",
                    help="move an existing workdir to WORKDIR.old-N and start over instead of resuming. "
                         "Default: off (resume)")

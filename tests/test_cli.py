@@ -152,3 +152,31 @@ def test_list_prints_clean_aligned_descriptions(capsys):
         starts.setdefault(section, set()).add(ln.index(ln.split()[1], len(name) + 2))
     assert set(starts) == {"methods", "benchmarks", "backbones"}
     assert all(len(s) == 1 for s in starts.values()), starts  # each section's second column starts at one place
+
+
+def test_main_job_schedule_starts_heavy_methods_first_and_keeps_a_methods_runs_together():
+    from clax.cli import HEAVY, schedule
+
+    runs = [("finetune", "til"), ("finetune", "cil"), ("ewc", "til"), ("soft_tf", "til"), ("clr", "til"),
+            ("soft_tf", "cil"), ("si", "til"), ("si", "cil")]
+    got = schedule(runs)
+    assert list(got) == ["clr", "soft_tf", "finetune", "si", "ewc"]
+    assert got["soft_tf"] == [("soft_tf", "til"), ("soft_tf", "cil")]
+    assert sorted(r for g in got.values() for r in g) == sorted(runs)
+    assert HEAVY.index("clr") < HEAVY.index("soft_tf")
+
+
+def test_main_job_on_two_worker_processes_equals_the_sequential_runs(tmp_path):
+    """The parallel main job (spawned workers) returns, in the registry's order, the results the same runs
+    give one after another in this process (same accuracy matrices, bit for bit)."""
+    from clax.cli import _run_one, _run_parallel, build_parser
+
+    args = build_parser().parse_args(["run", "--epochs", "1", "--quiet", "--set", "train.epochs=1",
+                                      "--set", "log.tensorboard=false"])
+    runs = [("finetune", "til"), ("lwf", "cil")]
+    par = _run_parallel(args, runs, str(tmp_path / "par"), 2)
+    seq = [_run_one(args, m, s, str(tmp_path / "seq" / f"{m}-{s}")) for m, s in runs]
+    assert [(r["method"], r["scenario"]) for r in par] == runs
+    for p, q in zip(par, seq):
+        assert p["accuracy_matrix"] == q["accuracy_matrix"]
+    assert (tmp_path / "par" / "lwf-cil" / "results.json").exists()
