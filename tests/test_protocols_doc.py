@@ -13,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC = os.path.join(ROOT, "docs", "PROTOCOLS.md")
 HEADER = re.compile(r"^\| aspect \| paper \| authors' code \| clax[^|]*\| deviation", re.M)
 PAPERS = ("CLR ", "Soft-TF ", "IBM ", "Hypernetwork with H-embeddings", "PAH ", "WSN ")  # section titles start so
-CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))
-                 if not os.path.basename(p).startswith("_") and os.path.basename(p) != "capacity_plot.py")
+CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "*.py"))  # the paper protocols
+                 if not os.path.basename(p).startswith("_") and "def get_config(" in open(p).read())
 
 
 def _sections() -> dict:
