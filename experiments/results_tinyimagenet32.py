@@ -379,15 +379,25 @@ def budget_from_runs(runs: list[dict]) -> dict:
             "nf": common(lambda c: c["backbone"].get("nf") if c["backbone"]["name"] == "resnet18" else None)}
 
 
+def pretrain_line(r: dict) -> str:
+    """One run's frozen-backbone pretraining (``results.json`` ``pretrain``) in words."""
+    p = r["pretrain"]
+    bb = r["config"]["backbone"]
+    what = f"{r['method']} ({bb['name']}" + (f" nf {bb['nf']}" if "nf" in bb else "") + ")"
+    if p.get("heldout_accuracy") is None:
+        return f"{what}: {p.get('source', 'unknown source')}"
+    return (f"{what}: {p.get('source', 'CIFAR-10')} {p.get('steps')} steps ({p.get('epochs')} epochs, batch "
+            f"{p.get('batch_size')}), held-out accuracy {p['heldout_accuracy']:.3f} on {p.get('heldout_samples')} "
+            f"CIFAR-10 test images, {p.get('seconds')} s")
+
+
 def report(root: str, failures: dict | None = None, total_wall: float | None = None, jobs: int | None = None) -> str:
     """The text of docs/RESULTS.md from the runs under ``root`` (see the module docstring)."""
     runs = load_runs(root)
     failures = _load_json(os.path.join(root, "failures.json"), {}) if failures is None else failures
     rows = summarize(runs)
     b = budget_from_runs(runs) if runs else dict(BUDGET)
-    pre = sorted({json.dumps({k: r["pretrain"].get(k) for k in ("source", "steps", "test_acc", "accuracy")
-                              if k in r["pretrain"]}) + f" ({r['method']})"
-                  for r in runs if isinstance(r.get("pretrain"), dict)})
+    pre = sorted({pretrain_line(r) for r in runs if isinstance(r.get("pretrain"), dict)})
     vits = [r["config"]["backbone"] for r in runs if r["config"]["backbone"]["name"] == "vit"]
     vit = ", ".join(f"{k} {v}" for k, v in vits[0].items() if k in ("patch", "dim", "depth", "heads")) if vits else "-"
     seeds = {f"{r['method']} {r['scenario'].upper()}": r["n"] for r in rows}
@@ -421,8 +431,9 @@ def report(root: str, failures: dict | None = None, total_wall: float | None = N
         "",
         "**Pretraining** (`results.json` `pretrain`): " + ("; ".join(pre) if pre else "none found") + ".",
         "",
-        f"**Seeds.** {'; '.join(f'{k}: {seeds[k]}' for k in multi) + ' seeds (mean ± sample sd)' if multi else 'none has more than one'}; "
-        "every other row 1 seed.",
+        "**Seeds.** " + (f"{'; '.join(f'{k}: {seeds[k]}' for k in multi)} seeds (mean ± sample sd); every other "
+                         "row 1 seed." if multi else "every row 1 seed (seed "
+                         f"{', '.join(str(x) for x in sorted({x for r in rows for x in r['seeds']}))})."),
         "",
         f"**Time.** `train s`: training seconds of a run (`results.json` `timing.train_s`; evaluation after "
         f"each task excluded); `wall s`: the whole run as the script measured it (data, compilation, "

@@ -14,7 +14,7 @@ _spec.loader.exec_module(R)
 
 
 def fake(root, method, scenario, seed, acc, bwt, forgetting, fwt=0.01, density=None, per_task=1000,
-         backbone=100_000, train_s=10.0):
+         backbone=100_000, train_s=10.0, pretrain=None):
     """A results.json as clax writes it, with only the fields the report reads."""
     r = {"method": method, "benchmark": R.BENCHMARK, "scenario": scenario, "seed": seed, "acc": acc,
          "bwt": bwt, "forgetting": forgetting, "fwt": fwt if scenario == "til" else None,
@@ -22,6 +22,8 @@ def fake(root, method, scenario, seed, acc, bwt, forgetting, fwt=0.01, density=N
          "timing": {"train_s": train_s},
          "config": {"data": {"per_class": 100}, "train": {"epochs": 2, "batch_size": 64},
                     "backbone": {"name": "resnet18", "nf": 10}}}
+    if pretrain is not None:
+        r["pretrain"] = pretrain
     if density is not None:
         r["mask_density"] = [density] * 10
         r["capacity_used"] = [min(1.0, density * (t + 1)) for t in range(10)]
@@ -42,7 +44,9 @@ def grid_of(root, change=None):
         ("wsn", "til"): dict(acc=0.50, bwt=0.0, forgetting=0.0, density=0.5),
         ("packnet", "til"): dict(acc=0.48, bwt=0.0, forgetting=0.0, density=0.3),
         ("ibm", "til"): dict(acc=0.50, bwt=0.0, forgetting=0.0, density=0.1),
-        ("clr", "til"): dict(acc=0.60, bwt=0.0, forgetting=0.0, per_task=1000, backbone=1_000_000),
+        ("clr", "til"): dict(acc=0.60, bwt=0.0, forgetting=0.0, per_task=1000, backbone=1_000_000,
+                             pretrain={"source": "cifar10", "steps": 1000, "epochs": 1.28, "batch_size": 64,
+                                       "heldout_accuracy": 0.4567, "heldout_samples": 10000, "seconds": 99.0}),
         ("soft_tf", "til"): dict(acc=0.55, bwt=0.0, forgetting=0.0),
         ("soft_tf", "cil"): dict(acc=0.20, bwt=-0.1, forgetting=0.1),
     }
@@ -126,6 +130,11 @@ def test_report_only_writes_the_doc(tmp_path):
     assert text.startswith("# Results on Tiny-ImageNet 32x32")
     assert R.COMMAND in text and "--report-only" in text
     assert "| hembed | TIL | 0.450 |" in text and "**holds**" in text
+    assert "clr (resnet18 nf 10): cifar10 1000 steps (1.28 epochs, batch 64), held-out accuracy 0.457" in text
+    assert "every row 1 seed (seed 0)." in text
+    grid_of(str(tmp_path / "runs3"), {("finetune", "til"): dict(seeds=[0, 1, 2])})
+    assert R.main(["--root", str(tmp_path / "runs3"), "--report-only", "--out", str(out)]) == 0
+    assert "**Seeds.** finetune TIL: 3 seeds (mean ± sample sd); every other row 1 seed." in out.read_text()
     assert "100 training images per class" in text and "2 epochs per task" in text and "batch 64" in text and "nf 10" in text
 
 
