@@ -41,10 +41,9 @@ near 0. Not run here (needs the CIFAR data and a GPU); the same config runs at t
 offline digits in tests/test_hnet.py.
 """
 from clax.config import default_config
-from clax.data import BENCHMARKS
 
-#: the stream's registry name; its ``package.module:function`` reference where the registry lacks it
-STREAM = "cifar10-cifar100" if "cifar10-cifar100" in BENCHMARKS else "clax.data.tfds:cifar10_cifar100"
+#: the stream's registry name
+STREAM = "cifar10-cifar100"
 
 
 def get_config() -> dict:

@@ -93,3 +93,25 @@ def test_data_section_maps_to_benchmark_arguments_and_refuses_what_a_benchmark_l
         validate({**default_config("finetune"), "data": {**DATA_DEFAULTS, "image_size": -1}})
     with _pytest.raises(ConfigError, match="unknown setting data.size"):
         validate({**default_config("finetune"), "data": {"size": 3}})
+
+
+def test_data_crop_pad_sets_the_augmentations_padding():
+    """``data.crop_pad=N`` reaches the training images' random crop as N pixels of padding (turning the
+    augmentation on); refused with ``data.augment=off`` and on a benchmark without augmentation."""
+    import pytest as _pytest
+
+    from clax.config import ConfigError, apply_overrides, default_config, validate
+    from clax.data.pipeline import data_kwargs, make_preprocess
+
+    assert data_kwargs({"crop_pad": 4}) == {"augment": 4}
+    tr, te = make_preprocess("image", 64, 3, None, None, None, data_kwargs({"crop_pad": 4})["augment"])
+    assert (tr.crop_pad, tr.flip, te.crop_pad) == (4, True, 0)
+    tr, _ = make_preprocess("image", 64, 3, None, None, None, True)
+    assert tr.crop_pad == 8  # the default: size // 8
+    tr, _ = make_preprocess("image", 64, 3, None, None, None, False)
+    assert (tr.crop_pad, tr.flip) == (0, False)
+    with _pytest.raises(ConfigError, match="data.augment=off"):
+        validate(apply_overrides(default_config("finetune", "split-cifar100"), ["data.crop_pad=4", "data.augment=off"]))
+    with _pytest.raises(ConfigError, match="data.crop_pad is not a setting of benchmark 'split-digits'"):
+        validate(apply_overrides(default_config("finetune"), ["data.crop_pad=4"]))
+    validate(apply_overrides(default_config("finetune", "split-tinyimagenet"), ["data.crop_pad=4"]))

@@ -138,9 +138,8 @@ def test_natural_class_order_and_per_class_subsample():
     assert all(np.bincount(t.y_train).max() <= 3 for t in pm.tasks) and len(pm.tasks[0].y_train) <= 30
 
 
-#: the stream's registry name, or its reference where clax.data.BENCHMARKS does not list it yet
-C10C100 = "cifar10-cifar100" if "cifar10-cifar100" in __import__("clax.data").data.BENCHMARKS else \
-    "clax.data.tfds:cifar10_cifar100"
+#: the stream's registry name
+C10C100 = "cifar10-cifar100"
 
 
 @pytest.fixture(scope="module")

@@ -111,6 +111,7 @@ BENCHMARKS: dict[str, Callable[..., Benchmark]] = _Registry({
     "split-tinyimagenet-20": _folder.split_tinyimagenet_20,
     "split-tinyimagenet32": _folder.split_tinyimagenet32,  # 32x32 re-encode: label figures "Tiny-ImageNet 32x32"
     "split-tinyimagenet32-20": _folder.split_tinyimagenet32_20,
+    "cifar10-cifar100": _tfds.cifar10_cifar100,  # hembed's 11-task stream: CIFAR-10, then 10 CIFAR-100 splits
     "imagenet-r": _tfds.imagenet_r,
     "cub200": _tfds.cub200,
     "cub200-5": _tfds.cub200_5,

@@ -125,7 +125,7 @@ class ImageSource:
 
     def __init__(self, segments, pre: Preprocess, augment: bool = False, seed: int = 0, workers: int = 2):
         self.segments = [(r, np.asarray(i, np.int64)) for r, i in segments]
-        self.pre, self.augment, self.seed, self.workers = pre, augment, seed, workers
+        self.pre, self.augment, self.seed, self.workers = pre, bool(augment), seed, workers
         self._offsets = np.cumsum([0] + [len(i) for _, i in self.segments])
         self._calls = 0
         self._lock = threading.Lock()
@@ -368,7 +368,9 @@ def class_order(num_classes: int, num_tasks: int, seed: int, name: str, kind: st
 
 def make_preprocess(view: str, native_size: int, channels: int, image_size: int | None, mean, std,
                     augment: bool, permutation=None) -> tuple[Preprocess, Preprocess]:
-    """The (train, test) :class:`Preprocess` of a view (``"flat"`` or ``"image"``)."""
+    """The (train, test) :class:`Preprocess` of a view (``"flat"`` or ``"image"``). ``augment``: the training
+    images' random crop and flip, with the crop's zero padding ``size // 8`` (4 pixels at 32) when ``True``,
+    or that many pixels when an int > 0 (the config's ``data.crop_pad``)."""
     if view not in ("flat", "image"):
         raise ValueError(f"unknown view {view!r}; valid: flat, image")
     size = int(image_size or native_size)
@@ -377,7 +379,8 @@ def make_preprocess(view: str, native_size: int, channels: int, image_size: int 
                   permutation=tuple(int(v) for v in permutation) if permutation is not None else None)
     test = Preprocess(**common)
     # CIFAR-style augmentation: 4-pixel padding at 32 px, scaled with the image size.
-    train = Preprocess(**common, crop_pad=max(1, size // 8) if augment else 0, flip=augment)
+    pad = int(augment) if not isinstance(augment, bool) and isinstance(augment, int) else max(1, size // 8)
+    train = Preprocess(**common, crop_pad=pad if augment else 0, flip=bool(augment))
     return train, test
 
 
@@ -386,9 +389,11 @@ def make_preprocess(view: str, native_size: int, channels: int, image_size: int 
 #: or backbone's size), ``normalize`` (``default``, ``none`` for [0, 1] pixels, ``cifar``, ``imagenet``,
 #: ``half`` for [-1, 1]), ``augment`` (``default``, ``on``, ``off``: the CIFAR-style crop and flip of training
 #: images), ``class_order`` (``seeded``: a permutation drawn from the run's seed; ``natural``: the data set's
-#: label order), ``per_class`` (0: every training image; N: at most N training images of each class).
+#: label order), ``per_class`` (0: every training image; N: at most N training images of each class),
+#: ``crop_pad`` (0: the augmentation's default padding, ``size // 8``, 4 pixels at 32; N: pad by N pixels
+#: before the random crop, which turns the augmentation on).
 DATA_DEFAULTS = {"image_size": 0, "normalize": "default", "augment": "default", "class_order": "seeded",
-                 "per_class": 0}
+                 "per_class": 0, "crop_pad": 0}
 DATA_CHOICES = {"normalize": ("default", "none", "cifar", "imagenet", "half"), "augment": ("default", "on", "off"),
                 "class_order": ("seeded", "natural")}
 _NORMALIZE = {"none": (None, None), "cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
@@ -409,7 +414,7 @@ def data_kwargs(data: dict) -> dict:
             raise ValueError(f"unknown setting data.{k}; valid: {', '.join(DATA_DEFAULTS)}")
         if k in DATA_CHOICES and v not in DATA_CHOICES[k]:
             raise ValueError(f"data.{k}={v!r} is not valid; valid: {', '.join(DATA_CHOICES[k])}")
-        if k in ("image_size", "per_class") and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+        if k in ("image_size", "per_class", "crop_pad") and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise ValueError(f"data.{k} must be an integer >= 0 (0: the default), got {v!r}")
         if v == DATA_DEFAULTS[k]:
             continue
@@ -417,6 +422,11 @@ def data_kwargs(data: dict) -> dict:
             out["mean"], out["std"] = _NORMALIZE[v]
         elif k == "augment":
             out["augment"] = v == "on"
+        elif k == "crop_pad":
+            if (data or {}).get("augment") == "off":
+                raise ValueError(f"data.crop_pad={v} pads the training augmentation, which data.augment=off "
+                                 "turns off; leave one of them at its default")
+            out["augment"] = v  # an int: the augmentation on, padding by v pixels (make_preprocess)
         else:
             out[k] = v
     return out
@@ -443,6 +453,8 @@ def benchmark_kwargs(factory: Callable, cfg: dict, name: str = "") -> dict:
     for k in data:
         if not takes_any and k not in params:
             setting = {"mean": "normalize", "std": "normalize"}.get(k, k)
+            if k == "augment" and (cfg.get("data") or {}).get("crop_pad"):
+                setting = "crop_pad"
             valid = [d for d, arg in (("image_size", "image_size"), ("normalize", "mean"), ("augment", "augment"),
                                       ("class_order", "class_order"), ("per_class", "per_class")) if arg in params]
             raise ValueError(f"data.{setting} is not a setting of benchmark {name or factory.__name__!r}"
