@@ -20,7 +20,20 @@ EXIT_USAGE = 2
 EXIT_DIVERGED = 3  # training stopped on a NaN or infinite loss
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Help text wrapped at spaces only, so that names such as ``split-tinyimagenet32`` stay whole."""
+
+    def _split_lines(self, text, width):
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, exit 2
         print(f"clax: error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
