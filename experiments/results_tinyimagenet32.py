@@ -17,7 +17,9 @@ on its small ViT; the frozen-backbone methods (CLR, Soft-TF) on backbones pretra
 (``<method>.pretrained=cifar10``), pretrained once per backbone into ``ROOT/pretrain`` and reused. Every
 run uses the same budget (:data:`BUDGET`: images per class, epochs, batch) and otherwise its method's
 defaults (``clax list METHOD``). One workdir per run, ``ROOT/<method>-<scenario>-s<seed>``; the wall
-seconds of each run are kept in ``ROOT/wall_seconds.json`` and failures in ``ROOT/failures.json``.
+seconds of each finished run (its attempts added up: a killed run resumes) are kept in
+``ROOT/wall_seconds.json``, failures in ``ROOT/failures.json``, and the grid's wall time (its sessions
+added up, updated after every run) in ``ROOT/grid_wall.json``.
 
 The report (:func:`report`): one table row per method and scenario (mean and spread over the seeds
 found), then the papers' claims that such a run can test, each judged from the numbers by
@@ -133,7 +135,10 @@ def run_grid(root: str, runs: list, data_dir: str, cifar_dir: str, jobs: int = 2
     ``{"wall": {run: seconds}, "failures": {run: last lines of its log}}`` (also written under ``root``)."""
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     wall_path, fail_path = os.path.join(root, "wall_seconds.json"), os.path.join(root, "failures.json")
-    wall, failures = _load_json(wall_path, {}), _load_json(fail_path, {})
+    spent_path = os.path.join(root, "attempt_seconds.json")  # every attempt's seconds, a resumed run's added up
+    wall, failures, spent = _load_json(wall_path, {}), _load_json(fail_path, {}), _load_json(spent_path, {})
+    grid_path = os.path.join(root, "grid_wall.json")
+    before, t_start = _load_json(grid_path, {}).get("seconds", 0.0), time.perf_counter()
     lock = threading.Lock()
     units: dict = {}  # a frozen method's runs share one worker (its pretraining); every other run is its own unit
     for m, s, seed in runs:
@@ -156,8 +161,11 @@ def run_grid(root: str, runs: list, data_dir: str, cifar_dir: str, jobs: int = 2
                                      stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
             dt = time.perf_counter() - t0
             with lock:
+                spent[name] = round(spent.get(name, 0.0) + dt, 1)
+                _save_json(spent_path, spent)
+                _save_json(grid_path, {"seconds": round(before + time.perf_counter() - t_start, 1), "jobs": jobs})
                 if rc == 0:
-                    wall[name] = round(dt, 1)
+                    wall[name] = spent[name]
                     failures.pop(name, None)
                 else:
                     with open(log) as f:
@@ -480,7 +488,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.jobs < 1:
         p.error(f"--jobs must be >= 1, got {a.jobs}")
-    total = None
     if not a.report_only:
         _extract(a.data_dir, os.path.join(SHARED, "tiny-imagenet-200-32px.tar.gz"), os.path.dirname(a.data_dir))
         _extract(os.path.join(a.cifar10_dir, "train"), os.path.join(SHARED, "cifar10-images.tar.gz"), a.cifar10_dir)
@@ -492,12 +499,7 @@ def main(argv=None) -> int:
         if a.only:
             runs = [r for r in runs if r[0] in a.only]
         os.makedirs(a.root, exist_ok=True)
-        t0 = time.perf_counter()
         run_grid(a.root, runs, os.path.abspath(a.data_dir), os.path.abspath(a.cifar10_dir), a.jobs)
-        total = time.perf_counter() - t0
-        prev = _load_json(os.path.join(a.root, "grid_wall.json"), {})
-        total += prev.get("seconds", 0.0)  # a resumed grid adds to the earlier sessions
-        _save_json(os.path.join(a.root, "grid_wall.json"), {"seconds": round(total, 1), "jobs": a.jobs})
     g = _load_json(os.path.join(a.root, "grid_wall.json"), {})
     text = report(a.root, total_wall=g.get("seconds"), jobs=g.get("jobs"))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
