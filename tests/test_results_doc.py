@@ -146,3 +146,31 @@ def test_grid_and_overrides():
     assert "clr.pretrained=cifar10" in a and "clr.pretrain_data_dir=/c" in a and "backbone.name=resnet18" in a
     assert "backbone.name=resnet18" not in R.overrides("soft_tf", "cil", 0, "/r", "/d", "/c")
     assert f"packnet.prune_after={max(1, R.BUDGET['epochs'] - 1)}" in R.overrides("packnet", "til", 0, "/r", "/d", "/c")
+
+
+def test_run_grid_skips_finished_runs_records_failures_and_adds_up_attempts(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    fake(root, "finetune", "til", 0, 0.3, -0.2, 0.2)  # finished before: never launched
+    launched = []
+
+    def call(cmd, stdout, stderr, cwd):
+        wd = cmd[cmd.index("--workdir") + 1]
+        launched.append(os.path.basename(wd))
+        if "ewc" in wd:
+            stdout.write("clax: error: something\n")
+            return 2
+        os.makedirs(wd, exist_ok=True)
+        open(os.path.join(wd, "results.json"), "w").write("{}")
+        return 0
+
+    monkeypatch.setattr(R.subprocess, "call", call)
+    runs = [("finetune", "til", 0), ("ewc", "til", 0), ("lwf", "til", 0)]
+    out = R.run_grid(root, runs, "/d", "/c", jobs=1)
+    assert sorted(launched) == ["ewc-til-s0", "lwf-til-s0"]
+    assert set(out["wall"]) == {"lwf-til-s0"} and out["failures"]["ewc-til-s0"]["exit"] == 2
+    assert "something" in out["failures"]["ewc-til-s0"]["log_tail"]
+    R._save_json(os.path.join(root, "attempt_seconds.json"), {"ewc-til-s0": 1000.0})  # an earlier, long attempt
+    R.run_grid(root, runs, "/d", "/c", jobs=1)  # ewc again: its attempts add up, still failing
+    assert 1000.0 <= R._load_json(os.path.join(root, "attempt_seconds.json"), {})["ewc-til-s0"] < 1100.0
+    assert launched.count("ewc-til-s0") == 2 and launched.count("lwf-til-s0") == 1
+    assert R._load_json(os.path.join(root, "grid_wall.json"), {})["jobs"] == 1
