@@ -271,8 +271,10 @@ def _row(rows, method, scenario="til"):
     return None
 
 
-def _missing(*names):
-    return {"verdict": "not tested", "text": f"not tested: no finished run of {', '.join(names)}"}
+def _missing(rows, *needed):
+    """The verdict of a claim whose runs (``(method, scenario)``) are not all there, naming those missing."""
+    gone = [f"{m} {s.upper()}" for m, s in needed if _row(rows, m, s) is None]
+    return {"verdict": "not tested", "text": f"not tested: no finished run of {', '.join(gone) or 'the runs it needs'}"}
 
 
 def claims(rows: list[dict]) -> list[dict]:
@@ -289,18 +291,18 @@ def claims(rows: list[dict]) -> list[dict]:
         r = _row(rows, m)
         c = f"{m} (TIL) is parameter isolation: BWT exactly 0"
         if r is None:
-            add(c, _missing(f"{m} TIL"))
+            add(c, _missing(rows, (m, "til")))
             continue
         ok = r["bwt_max_abs"] == 0.0
         add(c, {"verdict": "holds" if ok else "does not hold here",
-                "text": (f"BWT {r['bwt']:+.4f} (largest |BWT| over {r['n']} seed(s): {r['bwt_max_abs']:.2g})"
+                "text": (f"BWT {r['bwt']:+.4f} (largest abs(BWT) over {r['n']} seed(s): {r['bwt_max_abs']:.2g})"
                          + ("" if ok else ": earlier tasks' accuracy changed after they were trained"))})
 
     # 2. IBM: sparser masks than WSN (paper: 70% fewer sub-network parameters) at (near) equal ACC
     c = f"IBM's masks are sparser than WSN's (paper: {IBM_PAPER_REDUCTION:.0%} fewer parameters) at (near) equal ACC"
     ibm, wsn = _row(rows, "ibm"), _row(rows, "wsn")
     if ibm is None or wsn is None or ibm["mask_density"] is None or wsn["mask_density"] is None:
-        add(c, _missing("ibm TIL", "wsn TIL"))
+        add(c, _missing(rows, ("ibm", "til"), ("wsn", "til")))
     else:
         red = 1 - ibm["mask_density"] / wsn["mask_density"] if wsn["mask_density"] else 0.0
         near = ibm["acc"] >= wsn["acc"] - ACC_TOL
@@ -320,7 +322,7 @@ def claims(rows: list[dict]) -> list[dict]:
     c = "PAH forgets less than fine-tuning and HNET (TIL)"
     pah, ft, hnet = _row(rows, "pah"), _row(rows, "finetune"), _row(rows, "hnet")
     if pah is None or ft is None or hnet is None:
-        add(c, _missing("pah TIL", "finetune TIL", "hnet TIL"))
+        add(c, _missing(rows, ("pah", "til"), ("finetune", "til"), ("hnet", "til")))
     else:
         below = [n for n, r in (("finetune", ft), ("hnet", hnet)) if pah["forgetting"] < r["forgetting"]]
         v = "holds" if len(below) == 2 else ("holds in part" if below else "does not hold here")
@@ -332,7 +334,7 @@ def claims(rows: list[dict]) -> list[dict]:
     c = "H-embedding guidance improves on HNET (TIL ACC)"
     he = _row(rows, "hembed")
     if he is None or hnet is None:
-        add(c, _missing("hembed TIL", "hnet TIL"))
+        add(c, _missing(rows, ("hembed", "til"), ("hnet", "til")))
     else:
         v = "holds" if he["acc"] > hnet["acc"] else "does not hold here"
         add(c, {"verdict": v, "text": f"ACC hembed {he['acc']:.3f} vs hnet {hnet['acc']:.3f} "
@@ -346,7 +348,7 @@ def claims(rows: list[dict]) -> list[dict]:
                 continue  # the method has no CIL
             c = f"{name} beats fine-tuning ({s.upper()} ACC)"
             if r is None or f is None:
-                add(c, _missing(f"{m} {s.upper()}", f"finetune {s.upper()}"))
+                add(c, _missing(rows, (m, s), ("finetune", s)))
                 continue
             v = "holds" if r["acc"] > f["acc"] else "does not hold here"
             add(c, {"verdict": v, "text": f"ACC {m} {r['acc']:.3f} vs finetune {f['acc']:.3f} "
@@ -356,19 +358,21 @@ def claims(rows: list[dict]) -> list[dict]:
     c = f"CLR adds under {CLR_PAPER_FRACTION:.1%} of the backbone per task"
     clr = _row(rows, "clr")
     if clr is None:
-        add(c, _missing("clr TIL"))
+        add(c, _missing(rows, ("clr", "til")))
     else:
         frac = clr["bytes_per_task"] / (4 * clr["backbone"])
         add(c, {"verdict": "holds" if frac < CLR_PAPER_FRACTION else "does not hold here",
                 "text": f"{clr['bytes_per_task']:,.0f} bytes per task = {frac:.2%} of the float32 backbone "
-                        f"({clr['backbone']:,} parameters)"})
+                        f"({clr['backbone']:,} parameters)" + ("" if frac < CLR_PAPER_FRACTION else
+                        "; a task's depthwise kernels and BatchNorm grow with the width, the backbone with its "
+                        "square, so the share is larger on a narrow ResNet than on the paper's")})
     return out
 
 
 def claims_md(cl: list[dict]) -> str:
     """The claims as a markdown table: claim | verdict | the numbers."""
     out = ["| claim | verdict | numbers |", "|---|---|---|"]
-    out += [f"| {c['claim']} | **{c['verdict']}** | {c['text']} |" for c in cl]
+    out += [f"| {c['claim']} | **{c['verdict']}** | {c['text'].replace('|', '&#124;')} |" for c in cl]
     return "\n".join(out)
 
 

@@ -120,6 +120,8 @@ def test_ibm_not_sparser_or_far_below_and_missing_runs(tmp_path):
     fake(str(root), "finetune", "til", 0, 0.3, -0.2, 0.2)
     v = verdicts(R.summarize(R.load_runs(str(root))))
     assert find(v, "H-embedding") == "not tested" and find(v, "wsn (TIL)") == "not tested"
+    text = {c["claim"]: c["text"] for c in R.claims(R.summarize(R.load_runs(str(root))))}
+    assert find(text, "PAH forgets") == "not tested: no finished run of pah TIL, hnet TIL"  # finetune is there
 
 
 def test_report_only_writes_the_doc(tmp_path):
