@@ -128,10 +128,14 @@ def _save_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def run_grid(root: str, runs: list, data_dir: str, cifar_dir: str, jobs: int = 2, budget: dict | None = None) -> dict:
+def run_grid(root: str, runs: list, data_dir: str, cifar_dir: str, jobs: int = 2, budget: dict | None = None,
+             fresh: tuple = ()) -> dict:
     """Runs ``runs`` (``(method, scenario, seed)``) with ``jobs`` worker processes, each run a
     ``clax run`` process of its own (log in ``ROOT/logs/``), the heaviest first; a frozen-backbone
-    method's runs go to one worker, in order, so its backbone is pretrained once. A run whose ``results.json`` exists is skipped. Returns
+    method's runs go to one worker, in order, so its backbone is pretrained once. A run whose
+    ``results.json`` exists is skipped; the runs named in ``fresh`` start over (``clax run --fresh``:
+    the old workdir moves aside), e.g. after clax changed under a half-finished run (a workdir of
+    another config is refused on resume). Returns
     ``{"wall": {run: seconds}, "failures": {run: last lines of its log}}`` (also written under ``root``)."""
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     wall_path, fail_path = os.path.join(root, "wall_seconds.json"), os.path.join(root, "failures.json")
@@ -157,7 +161,8 @@ def run_grid(root: str, runs: list, data_dir: str, cifar_dir: str, jobs: int = 2
             t0 = time.perf_counter()
             log = os.path.join(root, "logs", name + ".log")
             with open(log, "a") as f:
-                rc = subprocess.call(cmd0 + overrides(m, s, seed, root, data_dir, cifar_dir, budget) + ["--workdir", wd],
+                rc = subprocess.call(cmd0 + overrides(m, s, seed, root, data_dir, cifar_dir, budget) + ["--workdir", wd]
+                                     + (["--fresh"] if name in fresh else []),
                                      stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
             dt = time.perf_counter() - t0
             with lock:
@@ -366,6 +371,12 @@ def claims(rows: list[dict]) -> list[dict]:
                         f"({clr['backbone']:,} parameters)" + ("" if frac < CLR_PAPER_FRACTION else
                         "; a task's depthwise kernels and BatchNorm grow with the width, the backbone with its "
                         "square, so the share is larger on a narrow ResNet than on the paper's")})
+    # 7. what each method stores per task, against the backbone (a measurement, no paper figure to test)
+    til = sorted((r for r in rows if r["scenario"] == "til"), key=lambda r: r["bytes_per_task"] / r["backbone"])
+    if til:
+        add("Bytes stored per task, as a share of the float32 backbone (TIL)",
+            {"verdict": "measured", "text": ", ".join(f"{r['method']} {r['bytes_per_task'] / (4 * r['backbone']):.1%}"
+                                                      for r in til)})
     return out
 
 
@@ -469,6 +480,12 @@ def report(root: str, failures: dict | None = None, total_wall: float | None = N
         "",
         claims_md(claims(rows)),
     ]
+    done = {run_name(r["method"], r["scenario"], r["seed"]) for r in runs}
+    todo = [run_name(*g) for g in grid() if run_name(*g) not in done]
+    if todo:
+        lines[lines.index(f"## {LABEL}: every method") - 2] += (
+            f" Not finished when this file was generated: {', '.join(todo)} (the times above are for the "
+            "runs finished so far).")
     if failures:
         lines += ["", "## Runs that failed", ""]
         lines += [f"- `{k}`: exit {v.get('exit')}: `{(v.get('log_tail') or '').strip().splitlines()[-1:] or ''}`"
@@ -487,6 +504,8 @@ def main(argv=None) -> int:
     p.add_argument("--more-seeds", type=int, nargs="*", default=[], help="extra seeds, for --more-methods only")
     p.add_argument("--more-methods", nargs="*", default=[], help="methods that also run --more-seeds")
     p.add_argument("--only", nargs="*", default=None, help="run only these methods")
+    p.add_argument("--fresh", nargs="*", default=[], metavar="RUN",
+                   help="runs (e.g. hnet-til-s0) to start over instead of resuming")
     p.add_argument("--report-only", action="store_true", help="write the doc from finished runs; train nothing")
     p.add_argument("--out", default=DOC, help="the generated markdown file")
     a = p.parse_args(argv)
@@ -503,7 +522,7 @@ def main(argv=None) -> int:
         if a.only:
             runs = [r for r in runs if r[0] in a.only]
         os.makedirs(a.root, exist_ok=True)
-        run_grid(a.root, runs, os.path.abspath(a.data_dir), os.path.abspath(a.cifar10_dir), a.jobs)
+        run_grid(a.root, runs, os.path.abspath(a.data_dir), os.path.abspath(a.cifar10_dir), a.jobs, fresh=tuple(a.fresh))
     g = _load_json(os.path.join(a.root, "grid_wall.json"), {})
     text = report(a.root, total_wall=g.get("seconds"), jobs=g.get("jobs"))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -81,8 +81,10 @@ def test_rows_and_every_claim_holding(tmp_path):
     assert "| finetune | TIL | 0.300 ± 0.000 | -0.200 ± 0.000 |" in md
     assert "| ibm | TIL | 0.500 | +0.000 | 0.000 | +0.010 | 0.100 | 1.000 | 1,000 | 100,000 | 10 | - | 1 |" in md
     v = verdicts(rows)
-    assert set(v.values()) == {"holds"}, v
-    assert len(v) == len(R.ISOLATION) + 1 + 1 + 1 + 3 + 1
+    assert set(v.values()) == {"holds", "measured"}, v
+    assert len(v) == len(R.ISOLATION) + 1 + 1 + 1 + 3 + 1 + 1
+    text = {c["claim"]: c["text"] for c in R.claims(rows)}
+    assert find(text, "Bytes stored per task").startswith("clr 0.0%, finetune 0.2%,")  # 1000 / (4 * 1e6), 1000 / 4e5
 
 
 def test_verdicts_follow_the_numbers(tmp_path):
@@ -134,6 +136,7 @@ def test_report_only_writes_the_doc(tmp_path):
     assert "| hembed | TIL | 0.450 |" in text and "**holds**" in text
     assert "clr (resnet18 nf 10): cifar10 1000 steps (1.28 epochs, batch 64), held-out accuracy 0.457" in text
     assert "every row 1 seed (seed 0)." in text
+    assert "Not finished when this file was generated: joint-til-s0, joint-cil-s0, ewc-til-s0," in text  # none in the fake grid
     grid_of(str(tmp_path / "runs3"), {("finetune", "til"): dict(seeds=[0, 1, 2])})
     assert R.main(["--root", str(tmp_path / "runs3"), "--report-only", "--out", str(out)]) == 0
     assert "**Seeds.** finetune TIL: 3 seeds (mean ± sample sd); every other row 1 seed." in out.read_text()
@@ -157,7 +160,7 @@ def test_run_grid_skips_finished_runs_records_failures_and_adds_up_attempts(tmp_
 
     def call(cmd, stdout, stderr, cwd):
         wd = cmd[cmd.index("--workdir") + 1]
-        launched.append(os.path.basename(wd))
+        launched.append(os.path.basename(wd) + (" fresh" if "--fresh" in cmd else ""))
         if "ewc" in wd:
             stdout.write("clax: error: something\n")
             return 2
@@ -172,7 +175,7 @@ def test_run_grid_skips_finished_runs_records_failures_and_adds_up_attempts(tmp_
     assert set(out["wall"]) == {"lwf-til-s0"} and out["failures"]["ewc-til-s0"]["exit"] == 2
     assert "something" in out["failures"]["ewc-til-s0"]["log_tail"]
     R._save_json(os.path.join(root, "attempt_seconds.json"), {"ewc-til-s0": 1000.0})  # an earlier, long attempt
-    R.run_grid(root, runs, "/d", "/c", jobs=1)  # ewc again: its attempts add up, still failing
+    R.run_grid(root, runs, "/d", "/c", jobs=1, fresh=("ewc-til-s0",))  # ewc again, started over: attempts add up
     assert 1000.0 <= R._load_json(os.path.join(root, "attempt_seconds.json"), {})["ewc-til-s0"] < 1100.0
-    assert launched.count("ewc-til-s0") == 2 and launched.count("lwf-til-s0") == 1
+    assert launched == ["ewc-til-s0", "lwf-til-s0", "ewc-til-s0 fresh"]
     assert R._load_json(os.path.join(root, "grid_wall.json"), {})["jobs"] == 1
