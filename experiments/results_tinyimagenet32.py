@@ -424,7 +424,7 @@ def report(root: str, failures: dict | None = None, total_wall: float | None = N
     vits = [r["config"]["backbone"] for r in runs if r["config"]["backbone"]["name"] == "vit"]
     vit = ", ".join(f"{k} {v}" for k, v in vits[0].items() if k in ("patch", "dim", "depth", "heads")) if vits else "-"
     seeds = {f"{r['method']} {r['scenario'].upper()}": r["n"] for r in rows}
-    multi = sorted(k for k, n in seeds.items() if n > 1)
+    multi = [k for k, n in seeds.items() if n > 1]
     lines = [
         f"# Results on {LABEL}",
         "",
@@ -454,7 +454,7 @@ def report(root: str, failures: dict | None = None, total_wall: float | None = N
         "",
         "**Pretraining** (`results.json` `pretrain`): " + ("; ".join(pre) if pre else "none found") + ".",
         "",
-        "**Seeds.** " + (f"{'; '.join(f'{k}: {seeds[k]}' for k in multi)} seeds (mean ± sample sd); every other "
+        "**Seeds.** " + (f"{'; '.join(f'{k}: {seeds[k]} seeds' for k in multi)} (mean ± sample sd); every other "
                          "row 1 seed." if multi else "every row 1 seed (seed "
                          f"{', '.join(str(x) for x in sorted({x for r in rows for x in r['seeds']}))})."),
         "",
@@ -487,8 +487,9 @@ def report(root: str, failures: dict | None = None, total_wall: float | None = N
             f" Not finished when this file was generated: {', '.join(todo)} (the times above are for the "
             "runs finished so far).")
     if failures:
-        lines += ["", "## Runs that failed", ""]
-        lines += [f"- `{k}`: exit {v.get('exit')}: `{(v.get('log_tail') or '').strip().splitlines()[-1:] or ''}`"
+        lines += ["", "## Runs that failed", "", "The last line of each run's log (`ROOT/logs/RUN.log`); this script's "
+                  "`--fresh RUN ...` starts a run over.", ""]
+        lines += [f"- `{k}`: exit {v.get('exit')}: `{((v.get('log_tail') or '').strip().splitlines() or [''])[-1]}`"
                   for k, v in sorted(failures.items())]
     return "\n".join(lines) + "\n"
 

@@ -140,6 +140,9 @@ def test_report_only_writes_the_doc(tmp_path):
     grid_of(str(tmp_path / "runs3"), {("finetune", "til"): dict(seeds=[0, 1, 2])})
     assert R.main(["--root", str(tmp_path / "runs3"), "--report-only", "--out", str(out)]) == 0
     assert "**Seeds.** finetune TIL: 3 seeds (mean ± sample sd); every other row 1 seed." in out.read_text()
+    R._save_json(str(tmp_path / "runs3" / "failures.json"), {"wsn-til-s0": {"exit": 2, "log_tail": "a\nclax: error: x\n"}})
+    assert R.main(["--root", str(tmp_path / "runs3"), "--report-only", "--out", str(out)]) == 0
+    assert "- `wsn-til-s0`: exit 2: `clax: error: x`" in out.read_text()
     assert "100 training images per class" in text and "2 epochs per task" in text and "batch 64" in text and "nf 10" in text
 
 
