@@ -235,6 +235,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="write the raw measurements and rows here")
     p.add_argument("--before", default="", help="a --json file of an earlier run: its rows become a column")
     p.add_argument("--write", default="", help="replace the run_all block of this markdown file")
+    p.add_argument("--merge", default="", help="a --json file of an earlier run of this checkout: its measurements "
+                                              "fill in those this run skips (e.g. the main job timed apart on an "
+                                              "idle machine)")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.code = os.path.abspath(a.code)
@@ -254,13 +257,19 @@ def main(argv=None) -> int:
             print(f" failed: {str(e).splitlines()[0]}", file=sys.stderr)
             continue
         print(f" {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if a.merge:
+        earlier = json.load(open(a.merge))
+        m = {**earlier["measurements"], **m}
+        note_merge = f" Merged with {a.merge}: {earlier['note']}"
+    else:
+        note_merge = ""
     rows = rows_of(m)
     before = json.load(open(a.before))["rows"] if a.before else None
     text = table(rows, before)
     cmd = "python benchmarks/run_all.py " + " ".join(arg for arg in (argv if argv is not None else sys.argv[1:]))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     note = (f"`{cmd.strip()}` on {datetime.date.today()}: {os.cpu_count()} CPU cores, {platform.machine()}, "
-            f"load {load:.1f} at the end; {a.rounds} interleaved rounds of {a.iters} steps, medians.")
+            f"load {load:.1f} at the end; {a.rounds} interleaved rounds of {a.iters} steps, medians.{note_merge}")
     print(text)
     print()
     print(note)

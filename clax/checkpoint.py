@@ -418,7 +418,9 @@ def load_resume(workdir: str, config: dict, method, tx,
 
     A config saved before ``train.lr_scales`` existed (issue 13) reads as ``lr_scales=[]``, except for a
     method with its own scales (PAH), whose state then stored its backbone divided by its scale. One
-    saved before the validation settings (issue 15) reads as their defaults (:data:`TRAIN_ADDED`).
+    saved before the validation settings (issue 15) reads as their defaults (:data:`TRAIN_ADDED`), and one
+    saved before the ``data`` section or one of its keys (``data.crop_pad``) reads them as their defaults
+    (:data:`clax.data.pipeline.DATA_DEFAULTS`, which change nothing).
 
     Raises:
       ValueError: the workdir's checkpoint was written with a different config (the message names the
@@ -437,6 +439,10 @@ def load_resume(workdir: str, config: dict, method, tx,
         saved = {**saved, "train": {**saved["train"], "lr_scales": []}}
     if isinstance(saved.get("train"), dict):  # settings added later: absent means the default
         saved = {**saved, "train": {**TRAIN_ADDED, **saved["train"]}}
+    if isinstance(saved.get("data", {}), dict) and "data" in config:  # the data section and its later keys
+        from clax.data.pipeline import DATA_DEFAULTS
+
+        saved = {**saved, "data": {**DATA_DEFAULTS, **saved.get("data", {})}}
     diff = config_diff(saved, config)
     if diff:
         raise ValueError(f"{os.path.normpath(workdir)} holds a run with a different config ("
