@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 #: (spatial size, input channels, output channels) of the reduced ResNet-18's 3x3 stride-1 convolutions
 LAYERS = ((32, 20, 20), (16, 40, 40), (8, 80, 80), (4, 160, 160))
@@ -25,13 +23,11 @@ BATCH = 64
 
 
 def _median_ms(fn, iters: int) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    """Median milliseconds of ``fn()`` after one warm-up call (step_vs_torch's timer)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from step_vs_torch import _median_time
+
+    return _median_time(fn, 1, iters) * 1e3
 
 
 def jax_layers(iters: int) -> list[dict]:

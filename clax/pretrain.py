@@ -114,6 +114,17 @@ def cache_key(backbone: Backbone, steps: int, seed: int, source: str = "glyphs",
     return f"{backbone.name}-{source}-{hashlib.sha256(repr(parts).encode()).hexdigest()[:12]}"
 
 
+def _check_start(backbone: Backbone, steps: int, what: str) -> None:
+    """Refuses a pretraining (``what``: its data) of fewer than one step or of a backbone built from a
+    given checkpoint, which is frozen exactly as loaded."""
+    if steps < 1:
+        raise ValueError(f"pretrain steps must be >= 1, got {steps}")
+    if backbone.pretrained:
+        raise ValueError(f"{what} pretraining starts from a random initialisation, but the backbone was built "
+                         f"with backbone.pretrained={backbone.pretrained!r} (a given checkpoint is frozen "
+                         f"exactly as loaded, never pretrained further)")
+
+
 def pretrain(backbone: Backbone, steps: int = 300, seed: int = 0, batch_size: int = 32, lr: float = 1e-3,
              num_classes: int = 16, n_per_class: int = 250) -> tuple[PyTree, PyTree, dict]:
     """Supervised pretraining of ``backbone`` + a linear head on synthetic glyphs.
@@ -121,12 +132,7 @@ def pretrain(backbone: Backbone, steps: int = 300, seed: int = 0, batch_size: in
     Returns:
       ``(params, batch_stats, report)``; the report names the data, the steps and the held-out accuracy.
     """
-    if steps < 1:
-        raise ValueError(f"pretrain steps must be >= 1, got {steps}")
-    if backbone.pretrained:
-        raise ValueError(f"glyph pretraining starts from a random initialisation, but the backbone was built "
-                         f"with backbone.pretrained={backbone.pretrained!r} (a given checkpoint is frozen "
-                         f"exactly as loaded, never pretrained further)")
+    _check_start(backbone, steps, "glyph")
     t0 = time.perf_counter()
     x8, y = synthetic_glyphs(n_per_class, num_classes, seed)
     x = to_view(x8, backbone.input_shape)
@@ -225,12 +231,7 @@ def pretrain_cifar10(backbone: Backbone, data_dir: str, steps: int = 2000, seed:
     from clax.data.folder import FileReader
     from clax.data.pipeline import CIFAR_MEAN, CIFAR_STD, ImageSource, make_preprocess, prefetch
 
-    if steps < 1:
-        raise ValueError(f"pretrain steps must be >= 1, got {steps}")
-    if backbone.pretrained:
-        raise ValueError(f"CIFAR-10 pretraining starts from a random initialisation, but the backbone was built "
-                         f"with backbone.pretrained={backbone.pretrained!r} (a given checkpoint is frozen "
-                         f"exactly as loaded, never pretrained further)")
+    _check_start(backbone, steps, "CIFAR-10")
     t0 = time.perf_counter()
     view, size = _cifar10_view(backbone)
     (ptr, ytr), (pte, yte), classes, _ = folder or cifar10_folder(data_dir)
