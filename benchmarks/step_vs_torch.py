@@ -98,8 +98,8 @@ def clax_step(iters: int) -> dict:
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__}
 
 
-def torch_step(iters: int) -> dict:
-    import torch
+def torch_resnet18(nf: int, classes: int):
+    """The reduced ResNet-18 (3x3 stem, widths nf..8nf, global average pool, linear head) in PyTorch."""
     import torch.nn as nn
     import torch.nn.functional as F
 
@@ -130,14 +130,21 @@ def torch_step(iters: int) -> dict:
                     layers.append(Block(cin, w, 2 if i > 0 and j == 0 else 1))
                     cin = w
             self.layers = nn.Sequential(*layers)
-            self.fc = nn.Linear(cin, CLASSES)
+            self.fc = nn.Linear(cin, classes)
 
         def forward(self, x):
             x = F.relu(self.bn1(self.conv1(x)))
             return self.fc(self.layers(x).mean((2, 3)))
 
+    return Net(nf)
+
+
+def torch_step(iters: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
     torch.manual_seed(0)
-    net = Net(NF)
+    net = torch_resnet18(NF, CLASSES)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
     x = torch.rand(BATCH, 3, 32, 32)
     y = torch.randint(0, CLASSES, (BATCH,))

@@ -291,7 +291,11 @@ def val_update(vs: ValState, value: float, epoch: int, cfg: TrainConfig) -> ValS
 
 
 def validation_split(y: np.ndarray, fraction: float, seed: int, task: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(train_rows, val_rows)``: sorted row indices of one task's training labels ``y``.
+    """``(train_rows, val_rows)``: row indices of one task's training labels ``y``, the training rows
+    sorted, the validation rows in a seeded random order (the classes mixed, as the authors' own splits
+    give them: PAH's ``random_split``, WSN's ``np.random.permutation``). The order matters where the
+    network predicts with the batch's statistics (``pah.bn=batch``, ``ibm.bn=batch``, ``wsn.bn=batch``):
+    a validation batch of one class would normalise its class away.
 
     ``floor(fraction * len(y))`` rows are held out (the count WSN's authors hold out, ``int(pc_valid *
     n)``), spread over the classes in proportion to their rows (each class gets the floor of its share,
@@ -323,7 +327,7 @@ def validation_split(y: np.ndarray, fraction: float, seed: int, task: int) -> tu
         raise ValueError(f"train.val_fraction={fraction} leaves class {empty[0]} of task {task} with no training "
                          f"row ({int(counts[list(classes).index(empty[0])])} rows, all held out); lower it")
     val = [rng.permutation(np.flatnonzero(y == c))[:k] for c, k in zip(classes, take)]
-    val = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    val = rng.permutation(np.sort(np.concatenate(val))) if val else np.zeros(0, np.int64)
     keep = np.ones(n, bool)
     keep[val] = False
     return np.flatnonzero(keep), val

@@ -70,6 +70,16 @@ def test_the_split_is_disjoint_stratified_seeded_and_the_authors_count():
     assert not np.array_equal(va, validation_split(y, 0.1, seed=4, task=2)[1])  # and per seed
 
 
+def test_validation_rows_come_in_a_seeded_order_that_mixes_the_classes():
+    """As the authors' random_split / np.random.permutation give them: a validation batch of a class-sorted
+    task (image folders are read class by class) is not one class, which batch-statistics BN needs."""
+    y = np.repeat(np.arange(2), 100)  # class-sorted rows, as a folder gives them
+    tr, va = validation_split(y, 0.2, seed=0, task=0)
+    assert np.array_equal(tr, np.sort(tr))  # the training rows stay sorted (the epochs shuffle them)
+    assert not np.array_equal(va, np.sort(va)) and len(set(y[va[:8]].tolist())) == 2
+    np.testing.assert_array_equal(va, validation_split(y, 0.2, seed=0, task=0)[1])
+
+
 def test_held_out_rows_are_never_what_the_method_trains_on_or_its_hooks_read(setup):
     bench, ctx, method = setup
     splits = validation_splits(bench, 0.2, 0)
