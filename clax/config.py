@@ -175,9 +175,10 @@ CHECKPOINT_RULES = {"every_steps": NON_NEGATIVE_INT, "keep": POSITIVE_INT}
 #: compare them, :func:`clax.tracking.run_identity`): ``log.tensorboard`` (event files in ``<workdir>/tb``),
 #: ``log.wandb`` (a Weights & Biases project; "" = off), ``eval.every_epoch`` (test accuracy of the seen
 #: tasks after every epoch, logged to TensorBoard), ``cache.xla`` (JAX's persistent compilation cache in
-#: the user cache directory, :mod:`clax.cache`)
+#: the user cache directory) and ``cache.pretrain`` (pretrained frozen backbones shared by runs there;
+#: :mod:`clax.cache`)
 RECORD_DEFAULTS = {"log": {"tensorboard": True, "wandb": ""}, "eval": {"every_epoch": False},
-                   "cache": {"xla": True}}
+                   "cache": {"xla": True, "pretrain": True}}
 
 
 def _check_record_sections(cfg: dict) -> None:

@@ -33,7 +33,8 @@ a checkpoint is refused, naming both settings), and ``"none"`` without a checkpo
 initialisation. The report (``results.json``'s ``pretrain``) says which: ``source`` is ``"file"`` (with
 the file's absolute ``path`` and ``sha256``), ``"glyphs"``, ``"cifar10"`` or ``"random"``.
 
-Cache. Weights and report are written to ``cache_dir`` (a run's workdir: ``<workdir>/pretrain``) under a
+Cache. Weights and report are written to ``cache_dir`` (a run's workdir: ``<workdir>/pretrain``) and to
+the user-level cache of :mod:`clax.cache` (``cache.pretrain``; read where the workdir has none) under a
 name hashed from the backbone's definition and the pretraining settings (for CIFAR-10 also the folder's
 file names and sizes, not its path), as Flax msgpack (no pickle),
 and reused by later runs; within one process the result is also kept in memory. Both files are written
@@ -438,6 +439,14 @@ def pretrained_backbone(backbone: Backbone, source: str = "auto", steps: int = 3
         return _MEMO[key]
     path = os.path.join(cache_dir, key + ".msgpack") if cache_dir else ""
     found = _read_cache(path, backbone, source) if path else None
+    from clax.cache import shared_pretrain_dir
+
+    shared_dir = shared_pretrain_dir() if path else None
+    shared = os.path.join(shared_dir, key + ".msgpack") if shared_dir else ""
+    if found is None and shared and os.path.abspath(shared) != os.path.abspath(path):
+        found = _read_cache(shared, backbone, source)  # the user-level cache (clax.cache, cache.pretrain)
+        if found is not None:  # the workdir keeps its own copy, so that it stands alone
+            save(path, found[0], found[1], {k: v for k, v in found[2].items() if k != "cached"})
     if found is not None:
         params, stats, report = found
     else:
@@ -448,6 +457,11 @@ def pretrained_backbone(backbone: Backbone, source: str = "auto", steps: int = 3
         report = {"source": source, **report}
         if path:
             save(path, params, stats, report)
+        if shared:
+            try:
+                save(shared, params, stats, report)
+            except OSError as e:  # a full or read-only user cache costs the next run a pretraining, no more
+                say(f"could not write the shared pretraining cache {shared}: {e}")
     _MEMO[key] = (params, stats, report)
     return _MEMO[key]
 
@@ -488,7 +502,7 @@ def _read_cache(path: str, backbone: Backbone, source: str = "glyphs") -> tuple[
     except (OSError, ValueError) as e:
         moved = [set_aside(p) for p in (path, rpath) if os.path.lexists(p)]
         say(f"pretraining cache {path} is damaged ({' '.join(str(e).split())}); set aside as "
-             f"{' and '.join(moved)}; pretraining again")
+             f"{' and '.join(moved)}; pretraining again (or copying the shared cache's)")
         return None
     report = {"source": source, **{k: v for k, v in report.items() if k != "weights_sha256"}, "cached": path}
     return jax.tree.map(jnp.asarray, params), jax.tree.map(jnp.asarray, stats), report

@@ -138,6 +138,7 @@ def run(cfg: dict, workdir: str | None = None, progress: bool = True, fresh: boo
     """
     validate(cfg)  # every setting, and the workdir, checked before the workdir is locked, moved or written
     cache.from_config(cfg)  # JAX's persistent compilation cache (cache.xla), before anything compiles
+    cache.pretrain_from_config(cfg)  # pretrained frozen backbones shared by runs (cache.pretrain)
     if not workdir:
         return _run(cfg, None, progress, fresh)
     check_workdir(workdir, fresh)

@@ -239,3 +239,28 @@ def test_a_moved_workdir_spelled_differently_resumes_and_reuses_its_cache(clr_ki
         assert again["pretrain"]["cached"] == str(moved / "pretrain" / cache.name)
     finally:
         os.rename(moved, w)
+
+
+def test_a_fresh_workdir_copies_the_shared_pretraining_cache_instead_of_pretraining(clr_killed_then_rerun, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """cache.pretrain (on by default): the pretrained backbone is kept in the user-level cache too
+    ($CLAX_PRETRAIN_CACHE here), and a run in a fresh workdir reads it from there, keeps its own copy,
+    and gives the same results; with cache.pretrain=false it pretrains again."""
+    w, _, cache = clr_killed_then_rerun
+    res = json.loads((w / "results.json").read_text())
+    shared = os.path.join(os.environ["CLAX_PRETRAIN_CACHE"], cache.name)
+    assert open(shared, "rb").read() == cache.read_bytes()  # written there when the run pretrained
+    monkeypatch.setattr(pretrain, "_MEMO", {})
+    calls = []
+    real = pretrain.pretrain
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fresh = tmp_path / "fresh"
+    assert main(CLR + ["--workdir", str(fresh)]) == 0, capsys.readouterr().err[-2000:]
+    again = json.loads((fresh / "results.json").read_text())
+    assert calls == [] and again["pretrain"]["cached"] == shared
+    assert again["accuracy_matrix"] == res["accuracy_matrix"]
+    assert (fresh / "pretrain" / cache.name).read_bytes() == cache.read_bytes()  # the workdir stands alone
+    monkeypatch.setattr(pretrain, "_MEMO", {})
+    off = tmp_path / "off"
+    assert main(CLR + ["--workdir", str(off), "--set", "cache.pretrain=false"]) == 0, capsys.readouterr().err[-2000:]
+    assert calls == [1] and "cached" not in json.loads((off / "results.json").read_text())["pretrain"]
