@@ -184,7 +184,12 @@ def _makedirs(workdir: str) -> list[str]:
     created = []
     try:
         for d in reversed(missing):
-            os.mkdir(d)
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                if not os.path.isdir(d):
+                    raise
+                continue  # made meanwhile by another process (the main job's workers share the parent)
             created.append(d)
     except OSError as e:
         for c in reversed(created):

@@ -138,6 +138,26 @@ def test_lock_creates_and_cleans_up_its_workdir_and_fresh_keeps_lock_and_cache(t
     assert os.path.samefile(w / "pretrain" / "k.msgpack", os.path.join(old, "pretrain", "k.msgpack"))
 
 
+def test_a_parent_made_meanwhile_by_another_process_is_no_error(tmp_path, monkeypatch):
+    """The main job's workers create their workdirs under one parent at the same moment: the one whose
+    mkdir of the parent loses the race goes on (seen: 'cannot create workdir .../soft_tf-til: File
+    exists'), and leaves the parent alone when it cleans up, since it did not make it."""
+    parent, real = tmp_path / "main", os.mkdir
+
+    def racing_mkdir(path, *a, **k):
+        if os.fspath(path) == str(parent):
+            real(path)  # another worker makes it first
+            raise FileExistsError(17, "File exists", os.fspath(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", racing_mkdir)
+    assert wd._makedirs(str(parent / "soft_tf-til")) == [str(parent / "soft_tf-til")]
+    assert (parent / "soft_tf-til").is_dir()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="a file"):  # a file in the way is still refused
+        wd._makedirs(str(tmp_path / "f" / "w"))
+
+
 def test_a_second_run_on_a_locked_workdir_exits_2_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
     w = tmp_path / "w"
     w.mkdir()
