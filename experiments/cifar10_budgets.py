@@ -10,8 +10,8 @@ The budgets are the protocols' own (epochs, batch, rate, schedule, backbone widt
 * ``pah``: :mod:`pah_cifar100` (reduced ResNet-18 nf=20, AdamW, 15 epochs, batch 64, 10% validation);
 * ``finetune`` and ``hnet``: PAH's baselines, with PAH's backbone, data and training settings (hnet
   with its registry defaults otherwise: the PAH paper does not give its baselines' settings);
-* ``ibm``: :mod:`ibm_cifar100` (ResNet-18 nf=64, 10 epochs, batch 256: the released budget, which
-  prunes nothing; see docs/PROTOCOLS.md);
+* ``ibm``: :mod:`ibm_cifar100` (ResNet-18 nf=64, 10 epochs, batch 256: the released budget; see
+  docs/PROTOCOLS.md on its pruning);
 * ``wsn``: :mod:`wsn_cifar100` (ResNet-18 nf=64, up to 200 epochs a task, plateau schedule, early
   stop below 1e-6, best-validation restore).
 

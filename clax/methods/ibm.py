@@ -28,7 +28,7 @@ frozen) and, with ``bn="refresh"``, ``bn_refresh``.
   The default, 50, suits the short split-digits runs (~90 steps a task: at the paper's 1 the
   variational parameters barely move and every weight is kept); the paper protocols in
   ``experiments/`` set 1, the authors' code (one Adam over every parameter), at which a short budget
-  prunes nothing (``experiments/ibm_cifar100.py``).
+  prunes little or nothing (``experiments/ibm_cifar100.py``).
 * FWT: clax reports it as null (no task can be evaluated before its mask exists);
   :func:`authors_fwt` is the figure the authors' code prints.
 """
