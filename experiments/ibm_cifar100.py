@@ -17,23 +17,24 @@
     python experiments/ibm_cifar100.py --workdir runs/ibm_cifar100 [--set seed=1 ...]
     python experiments/ibm_cifar100.py --set train.epochs=300         # a budget at which masks prune
 
-**By the per-step bound, this budget prunes nothing, in the authors' code as in clax.** log alpha = logD - log(mu^2) starts
-at -10 (logD ~ N(-10, 0.01), mu ~ N(1, 0.01)) and a weight is pruned once it exceeds 0. Adam moves a
-parameter by about the learning rate per step, and 10 epochs of 5,000 images at batch 256 are 200
-steps: logD rises by at most ~0.2 and mu falls by at most ~0.2, so every mask is all ones (mask
-density 1.0), every weight is frozen after task 0, and later tasks learn only their ``mu``/``logD``
-scales and heads. The paper's sparsity claim (70% fewer sub-network parameters than WSN) cannot come
-from this script. The authors' TinyImageNet and MiniImageNet scripts train 300 epochs per task and
-third-party listings of the paper's CIFAR-100 result name a 300-epoch budget, so
-``--set train.epochs=300`` (6,000 steps a task) is the likely protocol behind Table 1 (not confirmed
-by the released code). ``ibm.vb_lr_mult`` > 1 (clax's, not the authors') makes the variational
-parameters move that many times faster and prunes at a short budget. Measured at tiny scale (this
-config on one split-digits task with the MLP, batch 8; tests/test_ibm.py): ~220 steps keep every weight
-at ``vb_lr_mult=1`` (mask density 1.0) and keep 25% at 50; ~6,300 steps (the 300-epoch budget's
-count) keep 16% at ``vb_lr_mult=1``. Measured against the bound on a GPU (docs/RESULTS_CIFAR10.md: this
-config with ``benchmark=split-cifar10``, 5 tasks, about 390 steps a task): tasks 1 and 2 kept every
-weight, but tasks 3, 4 and 5 kept 89%, 69% and 55% (ACC 0.907, BWT 0). The bound does not explain
-that; it is not yet investigated.
+**This budget prunes nothing in the first tasks, in the authors' code as in clax.** log alpha = logD -
+log(mu^2) starts at -10 (logD ~ N(-10, 0.01), mu ~ N(1, 0.01)) and a weight is pruned once it exceeds 0.
+Adam moves a parameter by about the learning rate per step, and 10 epochs of 5,000 images at batch 256
+are 200 steps: logD rises by at most ~0.2 and mu falls by at most ~0.2 in a task, so task 0's mask is
+all ones (mask density 1.0) and every weight is frozen after it. The paper's sparsity claim (70% fewer
+sub-network parameters than WSN) is unlikely to come from this script. The authors' TinyImageNet and
+MiniImageNet scripts train 300 epochs per task and third-party listings of the paper's CIFAR-100 result
+name a 300-epoch budget, so ``--set train.epochs=300`` (6,000 steps a task) is the likely protocol
+behind Table 1 (not confirmed by the released code). ``ibm.vb_lr_mult`` > 1 (clax's, not the authors')
+makes the variational parameters move that many times faster and prunes at a short budget. Measured at
+tiny scale (this config on one split-digits task with the MLP, batch 8; tests/test_ibm.py): ~220 steps
+keep every weight at ``vb_lr_mult=1`` (mask density 1.0) and keep 25% at 50; ~6,300 steps (the 300-epoch
+budget's count) keep 16% at ``vb_lr_mult=1``. Later tasks do prune: task ``t``'s ``mu``/``logD`` start
+from task ``t - 1``'s (at the consolidated positions, which after task 0 are all of them), so the steps
+add up over the stream. Measured on a GPU (docs/RESULTS_CIFAR10.md: this config with
+``benchmark=split-cifar10``, 5 tasks, about 390 steps a task, 1,950 in all): tasks 1 and 2 kept every
+weight, tasks 3, 4 and 5 kept 89%, 69% and 55% (ACC 0.907, BWT 0). Split-CIFAR100's 10 tasks of 200
+steps add up to about as many.
 
 FWT: the authors' ``utils/training.py`` computes it after their ``forgetting()``, which pads every
 row of the accuracy matrix with zeros in place, so their FWT is ``-mean_{c >= 1} b[c]`` (minus the
