@@ -115,3 +115,23 @@ def test_data_crop_pad_sets_the_augmentations_padding():
     with _pytest.raises(ConfigError, match="data.crop_pad is not a setting of benchmark 'split-digits'"):
         validate(apply_overrides(default_config("finetune"), ["data.crop_pad=4"]))
     validate(apply_overrides(default_config("finetune", "split-tinyimagenet"), ["data.crop_pad=4"]))
+
+
+def test_map_rows_gives_the_full_batch_result_and_compiles_once_for_every_length():
+    import jax
+    import jax.numpy as jnp
+
+    from clax.data.stream import map_rows
+    from clax.metrics import CompileCounter
+
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(5, 3)), jnp.float32)
+    f = jax.jit(lambda x, t: jnp.argmax(x @ w, -1) + 10 * t)  # per sample
+    f(jnp.zeros((4, 5)), jnp.zeros(4, jnp.int32))  # compiled for batches of 4
+    c = CompileCounter()
+    for n in (1, 3, 4, 9, 13):
+        x = np.random.default_rng(n).normal(size=(n, 5)).astype(np.float32)
+        t = np.arange(n) % 2
+        got = map_rows(f, x, t, batch_size=4)
+        assert got.shape == (n,)
+        np.testing.assert_array_equal(got, np.argmax(x @ np.asarray(w), -1) + 10 * t)
+    assert c.count == 0  # every length went through the one batch-of-4 program

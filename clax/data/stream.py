@@ -9,7 +9,7 @@ Labels are stored as *global* class ids. A scenario decides what a model is aske
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -185,6 +185,26 @@ def train_batches(
         if tid is not None:
             batch["tid"] = tid[b]
         yield batch
+
+
+def map_rows(fn: Callable, x, *rows, batch_size: int = 256) -> np.ndarray:
+    """``fn(xb, *rows_b)`` of a per-sample function over ``x`` (and the arrays ``rows`` beside it, one
+    entry per row of ``x``) in ordered batches of ``batch_size`` rows, the last one padded as
+    :func:`eval_batches` pads (with its own rows), the outputs concatenated with the padding dropped.
+
+    Every batch has the same shape, so a jitted ``fn`` compiles once for every test set, whatever its
+    length (the test reports of Soft-TF's task-id inference and mask precision, evaluated on each task's
+    test set, compiled once per task before). ``x`` may be a lazy image source (rows are read by index).
+    """
+    n = len(x)
+    out = []
+    for s in range(0, n, batch_size):
+        idx = np.arange(s, min(s + batch_size, n))
+        k = len(idx)
+        if k < batch_size:
+            idx = np.concatenate([idx, idx[np.arange(batch_size - k) % k]])
+        out.append(np.asarray(fn(np.asarray(x[idx]), *(np.asarray(r)[idx] for r in rows)))[:k])
+    return np.concatenate(out) if out else np.zeros((0,))
 
 
 def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[dict]:

@@ -28,6 +28,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from clax import partition as P
 from clax.compose import Model, Transform
+from clax.data.stream import map_rows
 from clax.partition import CLState
 from clax.transforms import binary_mask, classifier, prompt
 from clax.transforms.frozen import by_task, train_rows
@@ -249,15 +250,16 @@ def stored(precision: str, binary: bool = False, keep=None, predict=None, scenar
         return n - P.nbytes(P.task_row(masks, 0))
 
     def test_report(cl, bench):
-        tasks = [(jnp.asarray(t.x_test), t.targets(t.y_test, scenario),
-                  jnp.full((len(t.y_test),), t.task_id, jnp.int32)) for t in bench.tasks]
+        tasks = [(t.x_test, t.targets(t.y_test, scenario), np.full((len(t.y_test),), t.task_id, np.int32))
+                 for t in bench.tasks]
         n = sum(len(y) for _, y, _ in tasks)
         pred = jax.jit(lambda cl, x, tid: jnp.argmax(predict(cl, x, tid), -1))
         acc = {}
-        for prec in PRECISIONS:
+        for prec in PRECISIONS:  # fixed-size batches (map_rows): one compilation for every test set
             q = cl.replace(per_task={**cl.per_task, "mask": {
                 k: jax.vmap(lambda m: quantize(m, prec))(v) for k, v in cl.per_task["mask"].items()}})
-            acc[prec] = sum(int(jnp.sum(pred(q, x, None if scenario == "cil" else tid) == y))
+            acc[prec] = sum(int(np.sum((map_rows(lambda xb: pred(q, xb, None), x) if scenario == "cil" else
+                                        map_rows(lambda xb, tb: pred(q, xb, tb), x, tid)) == y))
                             for x, y, tid in tasks) / n
         return {"accuracy_by_mask_precision": acc}
 
