@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from step_vs_torch import _median_time as _median  # noqa: E402  (one timer for the step benchmarks)
 
 CNN_METHODS = ("finetune", "ewc", "si", "lwf", "replay", "derpp", "packnet", "wsn", "ibm", "hnet", "hembed", "pah",
                "clr")
@@ -40,17 +39,6 @@ SHAPES = {"resnet18": ({"name": "resnet18", "nf": 20}, 32, 64),
 QUICK = {"resnet18": ({"name": "resnet18", "nf": 4}, 32, 8),
          "vit_b16": ({"name": "vit", "patch": 16, "dim": 32, "depth": 3, "heads": 2, "mlp_ratio": 2.0}, 32, 4)}
 CLASSES = 10
-
-
-def _median(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _bench(size: int, n: int = 256):

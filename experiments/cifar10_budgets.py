@@ -114,13 +114,6 @@ def run_one(name: str, data_dir: str, workdir: str, overrides: list) -> dict:
     return s
 
 
-def _fmt(v, spec=".3f"):
-    """``v`` formatted; a per-task list shows its last value (the end of the stream)."""
-    if isinstance(v, list):
-        v = v[-1] if v else None
-    return "-" if v is None else format(v, spec)
-
-
 def _stat(rs: list, key: str, spec: str = ".3f") -> str:
     """Mean over the seeds' runs (last value of per-task lists), with the spread where there are several."""
     vals = [r.get(key)[-1] if isinstance(r.get(key), list) else r.get(key) for r in rs]
