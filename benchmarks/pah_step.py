@@ -7,14 +7,14 @@ the step at the k-th task (``t = k - 1``, so ``k`` tasks seen, the current one i
 
 Stream: permuted-digits cut to ``T`` tasks (10 classes a task, so the prototype pass runs 10 images
 per old task), PAH's registry defaults (MLP [256, 256], AdamW), batch 32, TIL; the trainer's compiled
-step, median of ``--iters`` timed steps after a warm-up (compilation excluded), ``begin_task`` run
-first as in training.
+step, the lowest median of ``--blocks`` blocks of ``--iters`` timed steps after a warm-up (compilation
+excluded), ``begin_task`` run first as in training.
 
 With ``--old PATH`` (a checkout of the code before the change, e.g. ``git worktree add /tmp/wt HEAD``)
 every figure is measured for the old code and this checkout alternately, each in its own
 subprocess (``PYTHONPATH``), ``--rounds`` times, and the median is kept::
 
-    python benchmarks/pah_step.py [--tasks 2,5,10,20] [--seen 2,5,10,20] [--iters 20] [--rounds 1]
+    python benchmarks/pah_step.py [--tasks 2,5,10,20] [--seen 2,5,10,20] [--iters 20] [--blocks 5] [--rounds 1]
                                   [--old /tmp/wt] [--backbone mlp|resnet18] [--set pah.KEY=VALUE ...]
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def measure(T: int, seen: list[int], iters: int, backbone: str, settings: dict) -> dict:
+def measure(T: int, seen: list[int], iters: int, backbone: str, settings: dict, blocks: int = 1) -> dict:
     """``{k: seconds}``: the step at task ``t = k - 1`` of a ``T``-task stream, for every ``k <= T``."""
     import jax
 
@@ -50,7 +50,8 @@ def measure(T: int, seen: list[int], iters: int, backbone: str, settings: dict) 
     out = {}
     for k in seen:
         if k <= T:
-            out[k] = train_step_seconds(method, bench, t=k - 1, iters=iters, warmup=2, begin_task=True, cfg=cfg)
+            out[k] = train_step_seconds(method, bench, t=k - 1, iters=iters, warmup=2, begin_task=True, cfg=cfg,
+                                        blocks=blocks)
     jax.clear_caches()
     return out
 
@@ -69,6 +70,7 @@ def main(argv=None):
     p.add_argument("--seen", default="2,5,10,20", help="tasks seen k (the step at t = k - 1)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--rounds", type=int, default=1, help="alternate old/new this many times, keep the median")
+    p.add_argument("--blocks", type=int, default=5, help="blocks of --iters steps per figure; the lowest median is kept")
     p.add_argument("--old", default="", help="a checkout of the old code, measured alternately with this one")
     p.add_argument("--backbone", default="mlp", choices=("mlp", "resnet18"))
     p.add_argument("--set", action="append", default=[], help="a PAH setting, pah.KEY=VALUE (this checkout only)")
@@ -76,7 +78,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     seen = [int(v) for v in a.seen.split(",")]
     if a.worker:
-        print(json.dumps(measure(a.worker, seen, a.iters, a.backbone, _parse_sets(a.set))))
+        print(json.dumps(measure(a.worker, seen, a.iters, a.backbone, _parse_sets(a.set), a.blocks)))
         return
     tasks = [int(v) for v in a.tasks.split(",")]
     codes = [("old", os.path.abspath(a.old)), ("new", ROOT)] if a.old else [("new", ROOT)]
@@ -86,7 +88,7 @@ def main(argv=None):
             for c, path in codes:
                 env = {**os.environ, "PYTHONPATH": path}
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", str(T), "--seen", a.seen,
-                       "--iters", str(a.iters), "--backbone", a.backbone]
+                       "--iters", str(a.iters), "--backbone", a.backbone, "--blocks", str(a.blocks)]
                 for s in a.set if c == "new" else []:
                     cmd += ["--set", s]
                 res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=path)

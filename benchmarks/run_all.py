@@ -49,7 +49,8 @@ def w_pah(a) -> dict:
     """PAH's step at task 2 of a 2-task and of a 20-task stream (item 1)."""
     from pah_step import measure
 
-    return _interleaved({f"T{T}": (lambda T=T: measure(T, [2], a.iters, "mlp", {})[2]) for T in (2, 20)}, a.rounds)
+    return _interleaved({f"T{T}": (lambda T=T: measure(T, [2], a.iters, "mlp", {}, blocks=5)[2]) for T in (2, 20)},
+                        a.rounds)
 
 
 def _isolation(a, backbone: str, iters: int) -> dict:

@@ -77,6 +77,20 @@ def distance_matrix(rows: np.ndarray) -> np.ndarray:
     return np.sqrt(np.maximum(((f[:, None, :] - f[None, :, :]) ** 2).sum(-1), 0.0))
 
 
+def prototype_images(a: np.ndarray) -> np.ndarray | None:
+    """A prototype leaf as images ``[T, C, s, s, ch]``: PAH's flat table ``[T, C, s * s * ch]`` reshaped
+    (:func:`clax.transforms.prototype.as_images`), a leaf of rank >= 4 as it is; None for a leaf that
+    holds no images (rank < 3, or rows that are no square image)."""
+    from clax.transforms.prototype import as_images
+
+    if a.ndim < 3:
+        return None
+    try:
+        return as_images(a)
+    except ValueError:
+        return None
+
+
 def save_image_grid(a: np.ndarray, path: str, title: str = "") -> None:
     """Writes the small images of ``a`` to a PNG grid.
 
@@ -214,12 +228,13 @@ def describe(workdir: str, task: Optional[int] = None, png_dir: Optional[str] = 
                 if task is not None and task < seen:
                     d["from_task"] = d["distance"][task]
                 out["task_distances"].append(d)
-            if is_prototypes(leaf) and a.ndim >= 3:
+            imgs = prototype_images(a) if is_prototypes(leaf) else None
+            if imgs is not None:
                 png = None
                 if png_dir:  # drawn only where the user asks: a read-only command writes nothing by default
                     os.makedirs(png_dir, exist_ok=True)
                     png = os.path.abspath(os.path.join(png_dir, full.replace("/", "_") + ".png"))
-                    save_image_grid(a[task] if task is not None and per_task else a, png,
+                    save_image_grid(imgs[task] if task is not None and per_task else imgs, png,
                                     f"{full} {list(a.shape)}")
                 out["prototypes"].append({"path": full, "shape": list(a.shape), "png": png})
     return out

@@ -122,10 +122,13 @@ def acc_curves_figure(runs: dict, title: str = ""):
 
 
 def prototypes_figure(protos: np.ndarray, labels=None, title: str = ""):
-    """PAH's prototypes ``[T, C, s, s, ch]`` as a grid, a row per task, each image titled with its class
-    (``labels[t][c]``; by default ``class c``); each image is scaled to its own min..max."""
+    """PAH's prototypes ``[T, C, s, s, ch]`` (or its flat table ``[T, C, s * s * ch]``) as a grid, a row
+    per task, each image titled with its class (``labels[t][c]``; by default ``class c``); each image is
+    scaled to its own min..max."""
+    from clax.transforms.prototype import as_images
+
     plt = _pyplot()
-    a = np.asarray(protos, np.float64)
+    a = as_images(np.asarray(protos, np.float64))
     if a.ndim == 4:
         a = a[..., None]
     T, C = a.shape[:2]
@@ -196,11 +199,11 @@ def task_labels(bench) -> list[list[str]]:
 
 def saved_prototypes(workdir: str) -> Optional[tuple[np.ndarray, Optional[list], dict]]:
     """``(prototypes [tasks done, C, s, s, ch], labels or None, config)`` from the newest intact checkpoint
-    of ``workdir`` (read-only), or None where it holds no prototype table (a leaf ``protos*`` of rank >= 4
-    with a task axis). Labels come from rebuilding the saved run's benchmark; None where it cannot be
+    of ``workdir`` (read-only), or None where it holds no prototype table (a leaf ``protos*`` with a task
+    axis whose rows are images, :func:`clax.inspect.prototype_images`). Labels come from rebuilding the saved run's benchmark; None where it cannot be
     rebuilt (e.g. its data are elsewhere)."""
     from clax import checkpoint as ckpt
-    from clax.inspect import _leaves, is_prototypes
+    from clax.inspect import _leaves, is_prototypes, prototype_images
 
     found = ckpt.latest_intact(workdir, read_only=True)
     if found is None:
@@ -208,7 +211,8 @@ def saved_prototypes(workdir: str) -> Optional[tuple[np.ndarray, Optional[list],
     _, state, cfg, meta = found
     T, done = int(meta["num_tasks"]), int(meta["tasks_done"])
     for path, a in _leaves(state["train_state"]["cl"].get("shared", {})):
-        if is_prototypes(path.rsplit("/", 1)[-1]) and a.ndim >= 4 and a.shape[0] == T:
+        imgs = prototype_images(a) if is_prototypes(path.rsplit("/", 1)[-1]) else None
+        if imgs is not None and a.shape[0] == T:
             labels = None
             try:
                 from clax.inspect import readonly_config
@@ -217,7 +221,7 @@ def saved_prototypes(workdir: str) -> Optional[tuple[np.ndarray, Optional[list],
                 labels = task_labels(build(readonly_config(cfg))[0])[: max(done, 1)]
             except Exception:  # noqa: BLE001 - the benchmark cannot be rebuilt here: index labels
                 pass
-            return a[: max(done, 1)], labels, cfg
+            return imgs[: max(done, 1)], labels, cfg
     return None
 
 

@@ -283,8 +283,11 @@ def run_figures(results: dict, cl, bench, heatmap_path: Optional[str] = None) ->
         figs["figures/capacity"] = plot.figure_png(plot.capacity_figure({results["method"]: results}))
     shared = getattr(cl, "shared", None)
     if isinstance(shared, dict):
+        from clax.inspect import is_prototypes, prototype_images
+
         for name, a in shared.items():
-            if name.lower().startswith("proto") and getattr(a, "ndim", 0) >= 4:
+            imgs = prototype_images(np.asarray(a)) if is_prototypes(name) and hasattr(a, "ndim") else None
+            if imgs is not None:
                 figs["figures/prototypes"] = plot.figure_png(plot.prototypes_figure(
-                    np.asarray(a), plot.task_labels(bench), f"{results['method']}: prototypes"))
+                    imgs, plot.task_labels(bench), f"{results['method']}: prototypes"))
     return figs

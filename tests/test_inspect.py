@@ -83,7 +83,7 @@ def test_masks_task_embeddings_and_prototypes_are_found_by_name(tmp_path):
         mask[t].flat[: 5 * (t + 1)] = True                     # densities 0.25, 0.5, 0.75
     packed = np.packbits(np.ones(16, bool))[None].repeat(T, 0)  # bit-packed, all set
     emb = rng.normal(size=(T, 6)).astype(np.float32)
-    protos = rng.uniform(size=(T, 2, 10, 10, 1)).astype(np.float32)
+    protos = rng.uniform(size=(T, 2, 100)).astype(np.float32)  # PAH's table: flat 10x10x1 images
     cl = CLState(frozen={}, shared={"w": jnp.ones((3,)), "protos": jnp.asarray(protos),
                                     "hnet": {"chunk_emb": jnp.ones((T, 4))}},
                  per_task={"mask": jnp.asarray(mask), "emb": jnp.asarray(emb), "task_emb": jnp.asarray(emb)},

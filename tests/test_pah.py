@@ -38,7 +38,7 @@ def test_checkpoint_holds_prototypes_and_hypernetwork_but_no_heads(pah_run):
     item, cfg = restore_raw(w)
     cl = item["train_state"]["cl"]
     assert set(cl["shared"]) == {"backbone", "hnet", "protos"}
-    assert np.asarray(cl["shared"]["protos"]).shape == (5, 2, 10, 10, 1)
+    assert np.asarray(cl["shared"]["protos"]).shape == (5, 2, 100)  # flat 10x10x1 images
     assert not cl["per_task"]  # nothing stored per task but the prototypes
     paths = ["/".join(map(str, k)) for k in flatten_dict(cl)]
     assert not [p for p in paths if "head" in p], paths
@@ -80,7 +80,7 @@ def test_semantic_init_uses_one_image_per_class_and_removes_it(built):
     for c in (0, 1):
         i = dropped[data.y[dropped] == c][0]
         want = semantic_prototype(data.x[i], (8, 8, 1), 10, 1)
-        np.testing.assert_allclose(np.asarray(cl1.shared["protos"][1, c]), want, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(cl1.shared["protos"][1, c]), want.reshape(-1), rtol=1e-6)
     # other tasks' prototypes are left alone; the teacher is the model before the task
     np.testing.assert_array_equal(cl1.shared["protos"][0], cl.shared["protos"][0])
     np.testing.assert_array_equal(cl1.extra["proto_distill"]["teacher"]["shared"]["protos"], cl.shared["protos"])
@@ -135,7 +135,7 @@ def test_pah_experiments_run_tiny_on_digits(name):
     assert cfg["data"]["normalize"] == ("half" if name == "pah_cifar100" else "imagenet")
     out = _tiny({**cfg, "data": dict(DATA_DEFAULTS)}, 2)  # the digits take no data settings
     assert np.isfinite(out["acc"]) and out["accuracy_matrix"].shape == (2, 2)
-    assert out["state"].cl.shared["protos"].shape == (2, 2, 10, 10, 1)
+    assert out["state"].cl.shared["protos"].shape == (2, 2, 100)
     assert_no_recompile_after_first_task(out)
 
 
@@ -368,3 +368,24 @@ def test_tasks_not_yet_seen_are_not_computed(built):
     for path, leaf in jax.tree.leaves_with_path(ts.cl.shared):
         a = np.asarray(leaf)
         assert np.all(np.isfinite(a[:2] if "protos" in jax.tree_util.keystr(path) else a)), path
+
+
+def test_prototype_table_rows_are_flattened_images():
+    """The table stores each prototype flattened row-major (``[T, C, s * s * ch]``); ``as_images`` gives
+    the images back, finding ``ch`` from the size where it is not given; old 5-d tables pass through."""
+    from clax.inspect import prototype_images
+    from clax.transforms.prototype import as_images, image_shape
+
+    assert image_shape(100) == (10, 1) and image_shape(300) == (10, 3) and image_shape(48) == (4, 3)
+    assert image_shape(12) == (2, 3) and image_shape(8) is None and image_shape(0) is None
+    a = np.arange(2 * 3 * 300).reshape(2, 3, 300)
+    imgs = as_images(a)
+    assert imgs.shape == (2, 3, 10, 10, 3) and imgs[1, 2, 4, 5, 1] == a[1, 2, (4 * 10 + 5) * 3 + 1]
+    assert as_images(np.zeros((2, 3, 300)), channels=3).shape == (2, 3, 10, 10, 3)
+    five = np.zeros((2, 3, 10, 10, 1))
+    assert as_images(five) is five
+    with pytest.raises(ValueError, match="7 numbers each"):
+        as_images(np.zeros((2, 3, 7)))
+    with pytest.raises(ValueError, match="x 3 images"):
+        as_images(np.zeros((2, 3, 100)), channels=3)
+    assert prototype_images(np.zeros((2, 7, 7))) is None and prototype_images(np.zeros((2, 100))) is None

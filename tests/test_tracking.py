@@ -208,6 +208,8 @@ def test_prototype_labels_are_the_tasks_classes():
     assert len(set(sum(labels, []))) == 10  # every class once
     fig = plot.prototypes_figure(np.zeros((5, 2, 10, 10, 1)), labels)
     assert [ax.get_title() for ax in fig.axes[:2]] == labels[0]
+    flat = plot.prototypes_figure(np.zeros((5, 2, 300)), labels)  # PAH's table: flat 10x10x3 images
+    assert flat.axes[0].get_images()[0].get_array().shape == (10, 10, 3)
 
 
 def test_line_styles_differ_for_many_runs():

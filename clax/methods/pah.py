@@ -3,7 +3,8 @@
 * :func:`clax.transforms.generated_head.model`: a shared, trained backbone whose per-task linear heads
   a small bias-free LeakyReLU hypernetwork generates from the task's prototypes (one learnable
   ``proto_size`` x ``proto_size`` x ``proto_channels`` image per class, default 10x10x1; the table
-  ``cl.shared["protos"] [T, C, s, s, ch]`` is the task embedding): no head is stored;
+  ``cl.shared["protos"] [T, C, s * s * ch]``, each image flattened, is the task embedding): no head is
+  stored;
 * :func:`clax.transforms.proto_distill.two_step` (``proto_distill``): the KD of the old generated heads
   on the current batch against the teacher (the model after task ``t-1``), then the prototype step;
 * :func:`clax.transforms.prototype.prototypes` (``prototypes``): semantic initialisation, the images
@@ -126,7 +127,7 @@ def pah(ctx: Context, **settings) -> Method:
     if s["proto_input"] == "native":
         prototype.check_native_input(ctx, size, geom)
     T, C, D = ctx.num_tasks, ctx.task_classes.shape[1], ctx.backbone.feature_dim
-    table_shape = (T, C, size, size, pch)
+    table_shape = (T, C, size * size * pch)  # flat images (prototype's docstring)
 
     def head_init(key):
         head = init_head(key, D, C)

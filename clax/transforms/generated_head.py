@@ -104,7 +104,10 @@ def every_outputs(hn: Hypernet, cl, f, needed, block: int, table: str = "protos"
     are 0.
 
     One ``lax.switch`` over the prefix sizes (forward and backward), so the cost follows ``needed``
-    (at most twice its blocks), not ``T``. With a single size it is the whole table's computation.
+    (at most twice its blocks), not ``T``. Each branch is rematerialised in the backward pass
+    (``jax.checkpoint``): differentiating a switch otherwise makes every branch return the residuals of
+    all branches, zero-filled (a ``[T, D, C]`` heads array for the whole table's branch, written at
+    every step whatever the prefix). With a single size it is the whole table's computation.
     """
     sizes = prefix_sizes(cl.shared[table].shape[0], block)
 
@@ -118,7 +121,7 @@ def every_outputs(hn: Hypernet, cl, f, needed, block: int, table: str = "protos"
     if len(sizes) == 1:
         return prefix(sizes[0])(f, cl.shared[table])
     index = jnp.sum(jnp.asarray(sizes[:-1]) < needed)  # the first size >= needed
-    return jax.lax.switch(index, [prefix(n) for n in sizes], f, cl.shared[table])
+    return jax.lax.switch(index, [jax.checkpoint(prefix(n)) for n in sizes], f, cl.shared[table])
 
 
 def model(ctx, hn: Hypernet, table_init: Callable, hnet_init: Callable, bn: str = "running",

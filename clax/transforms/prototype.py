@@ -1,9 +1,12 @@
 """Learnable class prototypes as a task embedding (PAH, De La Fuente et al. 2025).
 
-Each task has one prototype per class, a small image ``[s, s, ch]`` (PAH: 10x10x1) in the table
-``cl.shared["protos"] [T, C, s, s, ch]``, which :mod:`clax.transforms.generated_head` feeds to its
-hypernetwork (the flattened prototypes of a task are its embedding). This module holds the pieces
-that treat the prototypes as images:
+Each task has one prototype per class, a small image ``[s, s, ch]`` (PAH: 10x10x1), stored
+flattened (row-major) in the table ``cl.shared["protos"] [T, C, s * s * ch]``, which
+:mod:`clax.transforms.generated_head` feeds to its hypernetwork (the flattened prototypes of a task
+are its embedding). Flat, because XLA's CPU loops run over the minor dimension: an optimizer's update
+of a ``[T, C, 10, 10, 1]`` table took about 4x that of the same numbers as ``[T, C, 100]``
+(``benchmarks/pah_step.py``); :func:`as_images` gives the images back (``clax inspect`` and
+``clax plot`` draw them). This module holds the pieces that treat the prototypes as images:
 
 * :func:`prototypes`, the transform: ``semantic`` initialisation (the paper) at ``begin_task`` takes
   one training image per class (the first of that class in the task's training data: the stratified
@@ -55,6 +58,41 @@ def semantic_prototype(img: np.ndarray, geom, size: int, channels: int) -> np.nd
     return np.repeat(g[..., None], channels, axis=-1)
 
 
+def image_shape(size: int) -> tuple[int, int] | None:
+    """``(s, ch)`` of a flattened ``s x s x ch`` prototype of ``size`` numbers, ``ch`` 1 or 3: ``size``
+    a square is one channel, three times a square three channels (never both: ``3 k^2 = m^2`` has no
+    solution in positive integers); None otherwise."""
+    for ch in (1, 3):
+        if size % ch == 0:
+            s = math.isqrt(size // ch)
+            if s > 0 and s * s * ch == size:
+                return s, ch
+    return None
+
+
+def as_images(protos, channels: int | None = None):
+    """Prototypes ``[..., C, s * s * ch]`` (the table's layout) -> images ``[..., C, s, s, ch]``; ``ch`` is
+    ``channels`` where given, else found by :func:`image_shape`. Arrays of rank >= 4 are taken as images
+    already (a table saved before the flat layout) and returned as they are.
+
+    Raises:
+      ValueError: the last axis is no ``s x s x ch`` image.
+    """
+    if protos.ndim >= 4:
+        return protos
+    size = protos.shape[-1]
+    if channels is None:
+        geom = image_shape(size)
+    else:
+        s = math.isqrt(size // channels)
+        geom = (s, channels) if s * s * channels == size else None
+    if geom is None:
+        raise ValueError(f"prototypes of {size} numbers each are no square s x s x "
+                         f"{channels if channels else '1 or 3'} images (table shape {tuple(protos.shape)})")
+    s, ch = geom
+    return protos.reshape(tuple(protos.shape[:-1]) + (s, s, ch))
+
+
 def random_table(shape) -> Callable:
     """``key -> 0.5 + 0.1 * N(0, 1)`` of ``shape``: the table's initial value (kept by ``init="random"``)."""
     return lambda key: 0.5 + 0.1 * jax.random.normal(key, tuple(shape))
@@ -79,11 +117,13 @@ def check_native_input(ctx, size: int, geom, setting: str = "pah.proto_input") -
 
 
 def renderer(ctx, channels: int, native: bool = False):
-    """``protos [..., C, s, s, ch] -> [..., C, *input]``: prototypes as backbone inputs, repeated to
-    the input's channels, resized to its size unless ``native`` (then ``[..., C, s, s, input channels]``)."""
+    """``protos [..., C, s * s * channels] -> [..., C, *input]``: prototypes as backbone inputs, repeated
+    to the input's channels, resized to its size unless ``native`` (then ``[..., C, s, s, input
+    channels]``)."""
     geom = image_geometry(ctx.input_shape)
 
     def render(protos):
+        protos = as_images(protos, channels)
         lead, size = protos.shape[:-3], protos.shape[-3]
         proto_in = (size, size, geom[2]) if native else tuple(ctx.input_shape)
         img = protos if native else jax.image.resize(protos, lead + (geom[0], geom[1], channels), "bilinear")
@@ -112,7 +152,7 @@ def prototypes(ctx, size: int, channels: int, init: str = "semantic", table: str
     def begin_task(cl, data: TaskData):
         idx = picks(data)
         init_p = np.stack([semantic_prototype(img, geom, size, channels) for img in np.asarray(data.x[idx])])
-        protos = cl.shared[table].at[data.t, :len(idx)].set(jnp.asarray(init_p))
+        protos = cl.shared[table].at[data.t, :len(idx)].set(jnp.asarray(init_p).reshape(len(idx), -1))
         return cl.replace(shared={**cl.shared, table: protos})
 
     def train_filter(data: TaskData) -> np.ndarray:
