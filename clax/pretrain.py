@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clax.models import Backbone
+from clax.models import Backbone, jit_init
 from clax.transforms import classifier
 from clax.workdir import atomic_write, remove_stale_temps, say, set_aside
 
@@ -271,7 +271,7 @@ def _init(backbone: Backbone):
     compiles its own truncated-normal draw: 12 programs and about 5.5 s of a cold CLR run on 2 cores.
     The ViT's jitted init differs from its eager one in the last bit, so it stays eager and the
     pretrained ViTs stay as they were."""
-    return jax.jit(backbone.init) if backbone.name.startswith("resnet") else backbone.init
+    return jit_init(backbone.init) if backbone.name.startswith("resnet") else backbone.init
 
 
 def _supervised(backbone: Backbone, num_classes: int, batches, lr: float, seed: int):

@@ -353,3 +353,24 @@ def test_pretraining_compiles_the_resnet_init_only_where_it_equals_the_eager_one
         jax.tree.map(np.testing.assert_array_equal, pretrain._init(bb)(key), bb.init(key))
     vit = get_backbone("vit", (32, 32, 3), patch=8, dim=16, depth=1, heads=2, mlp_ratio=2.0)
     assert pretrain._init(vit) == vit.init
+
+
+def test_inits_compiled_at_level_1_give_the_default_levels_bits():
+    """clax.models.jit_init compiles an init at LLVM level 1 on the CPU (faster to compile): the values
+    are those of a plain jax.jit (level 2), bit for bit, for the methods' inits (heads, hypernetworks,
+    prototypes, masks) and the MLP backbone."""
+    import jax
+    import numpy as np
+
+    from clax.data import split_digits
+    from clax.methods import get_method
+    from clax.models import INIT_CPU_OPTIONS, get_backbone, jit_init
+    from clax.train import make_context
+
+    assert jax.default_backend() != "cpu" or INIT_CPU_OPTIONS == {"xla_backend_optimization_level": 1}
+    bench = split_digits(0)
+    key = jax.random.PRNGKey(5)
+    for name, scenario in (("finetune", "cil"), ("hnet", "til"), ("pah", "til"), ("ibm", "til")):
+        ctx = make_context(get_backbone("mlp", bench.input_shape, hidden=[32]), bench, scenario)
+        init = get_method(name, ctx).init
+        jax.tree.map(np.testing.assert_array_equal, jit_init(init)(key), jax.jit(init)(key))
