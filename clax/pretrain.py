@@ -266,12 +266,12 @@ def pretrain_cifar10(backbone: Backbone, data_dir: str, steps: int = 2000, seed:
 
 
 def _init(backbone: Backbone):
-    """The backbone's init, compiled as one program where that gives the eager init's values bit for bit
-    (the ResNets: tests/test_pretrained.py checks it), else eager. Eagerly, every distinct weight shape
-    compiles its own truncated-normal draw: 12 programs and about 5.5 s of a cold CLR run on 2 cores.
-    The ViT's jitted init differs from its eager one in the last bit, so it stays eager and the
-    pretrained ViTs stay as they were."""
-    return jit_init(backbone.init) if backbone.name.startswith("resnet") else backbone.init
+    """The backbone's init compiled as one program (:func:`clax.models.jit_init`): bit for bit the eager
+    init, which the pretrained weights came from (tests/test_pretrained.py checks the ResNets and the
+    ViT). Eagerly, every distinct weight shape compiles its own draw: 12 programs and about 5.5 s of a
+    cold CLR run on 2 cores. (The ViT's jitted init matches its eager one since its ``pos_embed``
+    draw keeps its scaling apart, :func:`clax.models.vit.scaled_normal`.)"""
+    return jit_init(backbone.init)
 
 
 def _supervised(backbone: Backbone, num_classes: int, batches, lr: float, seed: int):
