@@ -24,8 +24,7 @@ from clax import partition as P
 from clax.data import Benchmark, check_scenario, eval_batches, train_batches
 from clax.methods.base import Context, Method, TaskData
 from clax.metrics import CompileCounter, summarize
-from clax.models import jit_init
-from clax.models import Backbone
+from clax.models import Backbone, jit_init
 from clax.partition import CLState
 from clax.compose import optimizer_step
 
@@ -689,7 +688,7 @@ def count_params(cl: CLState, backbone_count: int, num_tasks: int, method: Metho
 def _check_finite(ts: TrainState, t, losses: list, r: int, epoch: int, per_epoch: int) -> None:
     """Raises :class:`NonFiniteLossError` naming task ``r`` and the step if a loss of the current epoch
     (``losses``) or a trained parameter is NaN or infinite."""
-    arr = np.asarray(jax.device_get(losses)) if losses else np.zeros(0)  # no program per epoch length
+    arr = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
     if not np.isfinite(arr).all():
         bad = int(np.argmax(~np.isfinite(arr)))
         raise NonFiniteLossError(f"non-finite loss ({arr[bad]}) in task {r}, epoch {epoch}, "
@@ -707,14 +706,14 @@ def _append(acc: dict, m: dict) -> None:
 
 
 def _epoch_means(acc: dict) -> dict:
-    """The epoch's mean of every metric in ``acc`` (name -> per-step values), one transfer to the host
-    and the means taken there (float32 values, float64 sums): no program compiled per epoch length.
+    """The epoch's mean of every metric in ``acc`` (name -> per-step values), one transfer to the host.
 
     A metric with fewer values than ``loss`` (an epoch resumed from a checkpoint that did not record it)
     has no mean: a mean over part of an epoch is left out rather than written."""
     n = len(acc["loss"])
-    host = jax.device_get({k: v for k, v in acc.items() if len(v) == n})
-    return {k: float(np.mean(np.asarray(v, np.float32), dtype=np.float64)) for k, v in host.items()}
+    means = {k: jnp.mean(jnp.stack([jnp.asarray(x, jnp.float32) for x in v])) for k, v in acc.items()
+             if len(v) == n}
+    return {k: float(v) for k, v in jax.device_get(means).items()}
 
 
 def fit(

@@ -59,7 +59,7 @@ def jit_init(fn: Callable) -> Callable:
     An init runs once, and its random draws (threefry counters, truncated normals: one copy of each per
     parameter) are what LLVM's level 2 spends its time on: ResNet-18's init compiled in 5.3 s at level 2
     and 1.8 s at level 1 on a 2-core CPU, the 24 runs of the main job's method inits in 21.4 s against
-    13.9 s. The values are bit for bit those of the default level (tests/test_models.py checks the
+    13.9 s. The values are bit for bit those of the default level (tests/test_pretrained.py checks the
     backbones' and several methods'; every registered method's init was checked once). Other backends
     get a plain ``jax.jit``.
     """
