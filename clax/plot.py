@@ -200,8 +200,8 @@ def task_labels(bench) -> list[list[str]]:
 def saved_prototypes(workdir: str) -> Optional[tuple[np.ndarray, Optional[list], dict]]:
     """``(prototypes [tasks done, C, s, s, ch], labels or None, config)`` from the newest intact checkpoint
     of ``workdir`` (read-only), or None where it holds no prototype table (a leaf ``protos*`` with a task
-    axis whose rows are images, :func:`clax.inspect.prototype_images`). Labels come from rebuilding the saved run's benchmark; None where it cannot be
-    rebuilt (e.g. its data are elsewhere)."""
+    axis whose rows are images, :func:`clax.inspect.prototype_images`). Labels come from rebuilding the
+    saved run's benchmark; None where it cannot be rebuilt (e.g. its data are elsewhere)."""
     from clax import checkpoint as ckpt
     from clax.inspect import _leaves, is_prototypes, prototype_images
 
