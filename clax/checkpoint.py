@@ -357,9 +357,21 @@ def train_state_target(method, tx) -> Any:
     return jax.eval_shape(make, jax.random.PRNGKey(0))
 
 
+def merged_trailing(saved, want) -> bool:
+    """Whether shape ``want`` is shape ``saved`` with its trailing axes (two or more) merged into one."""
+    saved, want = tuple(saved), tuple(want)
+    k = len(want) - 1
+    return (len(saved) > len(want) >= 1 and saved[:k] == want[:k]
+            and int(np.prod(saved[k:], dtype=np.int64)) == want[-1])
+
+
 def restore_train_state(raw: dict, method, tx) -> Any:
     """A :class:`~clax.train.TrainState` from its saved nested dict, with the structure, shapes and
     dtypes that ``method`` and ``tx`` build.
+
+    A leaf saved with trailing axes that ``method`` now keeps merged into one (a layout of an earlier
+    clax: PAH's prototype table was ``[T, C, s, s, ch]``, now ``[T, C, s * s * ch]``, as are its optimizer
+    moments) is reshaped, row-major: the same numbers, so such a run resumes.
 
     Raises:
       ValueError: the saved state does not have the structure or shapes of ``method``'s state.
@@ -375,6 +387,8 @@ def restore_train_state(raw: dict, method, tx) -> Any:
         raise ValueError(f"the checkpoint holds {len(leaves)} arrays; method {method.name!r} has {len(t_leaves)}")
     out = []
     for (path, t), a in zip(t_leaves, leaves):
+        if merged_trailing(np.shape(a), t.shape):
+            a = np.reshape(np.asarray(a), t.shape)
         if tuple(np.shape(a)) != tuple(t.shape):
             raise ValueError(f"checkpoint leaf {jax.tree_util.keystr(path)} has shape {tuple(np.shape(a))}; "
                              f"method {method.name!r} expects {tuple(t.shape)}")

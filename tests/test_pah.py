@@ -389,3 +389,30 @@ def test_prototype_table_rows_are_flattened_images():
     with pytest.raises(ValueError, match="x 3 images"):
         as_images(np.zeros((2, 3, 100)), channels=3)
     assert prototype_images(np.zeros((2, 7, 7))) is None and prototype_images(np.zeros((2, 100))) is None
+
+
+def test_a_checkpoint_with_the_old_5d_prototype_table_restores(built):
+    """Checkpoints written before the flat table hold ``[T, C, 10, 10, 1]`` prototypes (and moments):
+    restoring reshapes them (row-major, the same numbers); other shape mismatches are still refused."""
+    import optax
+    from flax import serialization
+
+    from clax.checkpoint import merged_trailing, restore_train_state
+    from clax.train import TrainState, trainable
+
+    _, _, meth, cl, _ = built
+    tx = optax.adam(1e-3)
+    ts = TrainState(cl, tx.init(trainable(cl, 0)), jax.random.PRNGKey(0), jnp.zeros((), jnp.int32))
+    flat = tuple(cl.shared["protos"].shape)
+    old = jax.tree.map(lambda a: np.asarray(a).reshape(flat[:2] + (10, 10, 1)) if np.shape(a) == flat else a,
+                       serialization.to_state_dict(ts))
+    assert np.shape(old["cl"]["shared"]["protos"]) == flat[:2] + (10, 10, 1)
+    back = restore_train_state(old, meth, tx)
+    jax.tree.map(np.testing.assert_array_equal, back, ts)
+    assert merged_trailing((5, 2, 10, 10, 1), (5, 2, 100)) and merged_trailing((4, 3, 2), (24,))
+    assert not merged_trailing((5, 2, 100), (5, 2, 100)) and not merged_trailing((2, 5, 100), (5, 2, 100))
+    assert not merged_trailing((5, 2, 10, 9), (5, 2, 100)) and not merged_trailing((3, 4), (4, 3))
+    bad = jax.tree.map(lambda a: np.zeros(flat[:2] + (99,), np.float32) if np.shape(a) == flat else a,
+                       serialization.to_state_dict(ts))
+    with pytest.raises(ValueError, match="has shape"):
+        restore_train_state(bad, meth, tx)
