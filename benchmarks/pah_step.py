@@ -27,6 +27,8 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+#: blocks of timed steps per figure, the lowest median kept (``--blocks``; also run_all's PAH row)
+BLOCKS = 5
 ROOT = os.path.dirname(HERE)
 
 
@@ -70,7 +72,7 @@ def main(argv=None):
     p.add_argument("--seen", default="2,5,10,20", help="tasks seen k (the step at t = k - 1)")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--rounds", type=int, default=1, help="alternate old/new this many times, keep the median")
-    p.add_argument("--blocks", type=int, default=5, help="blocks of --iters steps per figure; the lowest median is kept")
+    p.add_argument("--blocks", type=int, default=BLOCKS, help="blocks of --iters steps per figure; the lowest median is kept")
     p.add_argument("--old", default="", help="a checkout of the old code, measured alternately with this one")
     p.add_argument("--backbone", default="mlp", choices=("mlp", "resnet18"))
     p.add_argument("--set", action="append", default=[], help="a PAH setting, pah.KEY=VALUE (this checkout only)")

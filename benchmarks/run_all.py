@@ -47,9 +47,9 @@ def _interleaved(fns: dict, rounds: int) -> dict:
 
 def w_pah(a) -> dict:
     """PAH's step at task 2 of a 2-task and of a 20-task stream (item 1)."""
-    from pah_step import measure
+    from pah_step import BLOCKS, measure
 
-    return _interleaved({f"T{T}": (lambda T=T: measure(T, [2], a.iters, "mlp", {}, blocks=5)[2]) for T in (2, 20)},
+    return _interleaved({f"T{T}": (lambda T=T: measure(T, [2], a.iters, "mlp", {}, BLOCKS)[2]) for T in (2, 20)},
                         a.rounds)
 
 

@@ -34,13 +34,18 @@ MIN_COMPILE_S = 0.0
 _JAX_DEFAULT_MIN_COMPILE_S = 1.0
 
 
+def _user_dir(env: str, name: str) -> str:
+    """``$env`` where set, else ``$XDG_CACHE_HOME/clax/<name>``, else ``~/.cache/clax/<name>``."""
+    if os.environ.get(env):
+        return os.path.abspath(os.path.expanduser(os.environ[env]))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.path.abspath(base), "clax", name)
+
+
 def cache_dir() -> str:
     """Where clax keeps compiled programs: ``$CLAX_XLA_CACHE``, else ``$XDG_CACHE_HOME/clax/xla``, else
     ``~/.cache/clax/xla``."""
-    if os.environ.get("CLAX_XLA_CACHE"):
-        return os.path.abspath(os.path.expanduser(os.environ["CLAX_XLA_CACHE"]))
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(os.path.abspath(base), "clax", "xla")
+    return _user_dir("CLAX_XLA_CACHE", "xla")
 
 
 def enable(path: Optional[str] = None) -> Optional[str]:
@@ -77,10 +82,7 @@ def from_config(cfg: dict) -> Optional[str]:
 def pretrain_cache_dir() -> str:
     """Where clax shares pretrained frozen backbones between runs: ``$CLAX_PRETRAIN_CACHE``, else
     ``$XDG_CACHE_HOME/clax/pretrain``, else ``~/.cache/clax/pretrain``."""
-    if os.environ.get("CLAX_PRETRAIN_CACHE"):
-        return os.path.abspath(os.path.expanduser(os.environ["CLAX_PRETRAIN_CACHE"]))
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(os.path.abspath(base), "clax", "pretrain")
+    return _user_dir("CLAX_PRETRAIN_CACHE", "pretrain")
 
 
 _SHARED_PRETRAIN: Optional[str] = None
