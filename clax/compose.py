@@ -69,6 +69,12 @@ class Model(NamedTuple):
         mixes in rows of other tasks (``Transform.mixes_tasks``, rehearsal) is then refused.
       ce: optional ``(logits, y, tid, t) -> [N]``: the per-sample classification loss of the current
         task's rows, in place of softmax cross-entropy (Soft-TF's label smoothing over a task's classes).
+      scalar_tid: ``forward`` also takes a scalar ``tid``, meaning every row is task ``t``'s; :func:`chain`
+        passes ``t`` itself where that is known when the step is traced (no transform adds rows and
+        training is not cumulative), so the compiled step holds no per-row task dispatch. The
+        frozen-backbone models (CLR, Soft-TF) set it: their dispatch is two more backbone passes
+        (:func:`clax.transforms.frozen.train_rows`), which only a batch with rehearsal rows runs but every
+        step would otherwise trace and compile.
     """
 
     name: str
@@ -81,6 +87,7 @@ class Model(NamedTuple):
     default: bool = False
     ce: Optional[Callable] = None
     mixed_tasks: bool = True
+    scalar_tid: bool = False
 
 
 class View(NamedTuple):
@@ -234,6 +241,7 @@ def chain(model: Model, *transforms: Transform, name: Optional[str] = None, scen
     transforms = tuple(transforms)
     check_chain(model, transforms, scenario)
     name = name or "+".join(tr.name for tr in transforms) or model.name
+    cumulative = any(tr.cumulative for tr in transforms)
 
     def init(key):
         cl = model.init(key)
@@ -252,7 +260,8 @@ def chain(model: Model, *transforms: Transform, name: Optional[str] = None, scen
                 data = {k: jnp.concatenate([data[k], add[k]]) if k in ROW_FIELDS else v for k, v in data.items()}
                 rows[tr.name] = (start, data["x"].shape[0])
                 added[tr.name] = {k: v for k, v in add.items() if k not in ROW_FIELDS}
-        logits, aux, new_state = model.forward(cl, data["x"], data["tid"], t, True, key)
+        one_task = model.scalar_tid and not rows and not cumulative  # every row is task t's (see Model)
+        logits, aux, new_state = model.forward(cl, data["x"], t if one_task else data["tid"], t, True, key)
         y = data["y"] if model.targets is None else model.targets(data["y"], data["tid"], t)
         data["y"] = y
         new = logits[:n] if rows else logits
@@ -320,7 +329,7 @@ def chain(model: Model, *transforms: Transform, name: Optional[str] = None, scen
         update_mask=update_mask if masks else None, post_update=hooks("post_update"),
         on_update=_with_stepped(hooks("on_update")) if any(tr.step for tr in transforms) else hooks("on_update"),
         end_epoch=hooks("end_epoch"),
-        cumulative=any(tr.cumulative for tr in transforms), evaluates_unseen=evaluates_unseen,
+        cumulative=cumulative, evaluates_unseen=evaluates_unseen,
         task_bytes=task_bytes if any(tr.task_bytes for tr in transforms) else None,
         report=report if any(tr.report for tr in transforms) else None,
         test_report=test_report if any(tr.test_report for tr in transforms) else None,

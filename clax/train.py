@@ -533,7 +533,10 @@ class Steps:
 
     ``eval_step(cl, batch, t)`` returns ``(correct, nll)``: the number of correct predictions and the sum
     of the cross-entropy of the softmax of ``predict``'s output, over the batch's real rows (weight
-    ``w``); :func:`evaluate` uses the first, the validation set (:attr:`TrainConfig.val_fraction`) both."""
+    ``w``); :func:`evaluate` uses the first, the validation set (:attr:`TrainConfig.val_fraction`) both.
+
+    ``opt_init(cl, t)`` is the optimizer's state for task ``t``'s trainable tree and ``finite(cl, t)``
+    whether every inexact leaf of it is finite, each one compiled program (exact: zeros, comparisons)."""
 
     def __init__(self, method: Method, tx: optax.GradientTransformation, scenario: str):
         self.traces = {"train_step": 0, "eval_step": 0}
@@ -586,6 +589,9 @@ class Steps:
         self._train = jax.jit(train_step)
         self.train_step = lambda ts, batch, t: self._train(ts, batch, t)
         self.eval_step = jax.jit(eval_step)
+        # one compiled program each, not one eager dispatch (and compilation) per leaf shape
+        self.opt_init = jax.jit(lambda cl, t: tx.init(trainable(cl, t)))
+        self.finite = jax.jit(_all_finite)
 
     def shard(self, state_shardings) -> None:
         """Compiles the train step to return the state laid out as ``state_shardings`` (a
@@ -685,16 +691,23 @@ def count_params(cl: CLState, backbone_count: int, num_tasks: int, method: Metho
     }
 
 
-def _check_finite(ts: TrainState, t, losses: list, r: int, epoch: int, per_epoch: int) -> None:
+def _all_finite(cl: CLState, t) -> jax.Array:
+    """Whether every inexact leaf of task ``t``'s trainable tree is finite (True for none)."""
+    leaves = [x for x in jax.tree.leaves(trainable(cl, t)) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
+
+
+def _check_finite(ts: TrainState, t, losses: list, r: int, epoch: int, per_epoch: int,
+                  finite: Callable = _all_finite) -> None:
     """Raises :class:`NonFiniteLossError` naming task ``r`` and the step if a loss of the current epoch
-    (``losses``) or a trained parameter is NaN or infinite."""
+    (``losses``) or a trained parameter is NaN or infinite (``finite``: :func:`_all_finite`, or the
+    compiled :attr:`Steps.finite`)."""
     arr = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
     if not np.isfinite(arr).all():
         bad = int(np.argmax(~np.isfinite(arr)))
         raise NonFiniteLossError(f"non-finite loss ({arr[bad]}) in task {r}, epoch {epoch}, "
                                  f"step {epoch * per_epoch + bad} of the task")
-    leaves = [x for x in jax.tree.leaves(trainable(ts.cl, t)) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    if leaves and not bool(jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))):
+    if not bool(finite(ts.cl, t)):
         raise NonFiniteLossError(f"non-finite parameters in task {r} after step "
                                  f"{epoch * per_epoch + len(losses)} of the task")
 
@@ -812,7 +825,7 @@ def fit(
     if resume is None:
         cl = jit_init(method.init)(k_init)  # one compilation, not one per eager operation of the init
         P.check(cl, T)
-        ts = place(TrainState(cl, tx.init(trainable(cl, 0)), key, jnp.zeros((), jnp.int32)))
+        ts = place(TrainState(cl, steps.opt_init(cl, jnp.int32(0)), key, jnp.zeros((), jnp.int32)))
     else:  # the resumed state replaces the initial one: not computed
         P.check(resume[0].cl, T)
     backbone_count = P.count(jax.eval_shape(ctx.backbone.init, jax.random.PRNGKey(0))[0])  # shapes only
@@ -847,7 +860,7 @@ def fit(
         else:
             key, k_begin, k_end = jax.random.split(ts.key, 3)
             cl = method.begin_task(host(ts.cl), TaskData(r, x, y, k_begin, cfg.batch_size))
-            ts = place(TrainState(cl, tx.init(trainable(cl, t)), key, ts.step))
+            ts = place(TrainState(cl, steps.opt_init(cl, t), key, ts.step))
         if method.train_filter is not None:  # e.g. PAH: drop the images its prototypes came from
             keep = np.asarray(method.train_filter(TaskData(r, x, y, k_end, cfg.batch_size)))
             x, y, tid = (x[keep] if isinstance(x, np.ndarray) else x.take(keep)), y[keep], tid[keep]
@@ -885,7 +898,7 @@ def fit(
                 # the epoch's end_epoch hook, mean loss and metrics row, and a resumed run starts the next
                 # epoch as the uninterrupted run does.
                 if due(s) and s % per_epoch:
-                    _check_finite(ts, t, losses, r, epoch, per_epoch)
+                    _check_finite(ts, t, losses, r, epoch, per_epoch, steps.finite)
                     checkpoint(ts, Progress(r, s, A.copy(), b, train_s + time.perf_counter() - t0, int(ts.step),
                                             list(compiles_after_task), k_end,
                                             {k: [float(v) for v in vals] for k, vals in acc.items()},
@@ -895,7 +908,7 @@ def fit(
             n_steps += len(losses)
             if not np.isfinite(mean_loss):
                 bar.close()
-                _check_finite(ts, t, losses, r, epoch, per_epoch)
+                _check_finite(ts, t, losses, r, epoch, per_epoch, steps.finite)
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if method.end_epoch is not None:
                 ts = place(ts.replace(cl=method.end_epoch(host(ts.cl), TaskData(r, x, y, k_end, cfg.batch_size), epoch)))
@@ -918,7 +931,7 @@ def fit(
             s = (epoch + 1) * per_epoch
             if due(s) and not vs.stop:  # the epoch's last step, its epoch finished: the next epoch starts here
                 # (a task that stops here has its task-end checkpoint at this same step instead)
-                _check_finite(ts, t, [], r, epoch + 1, per_epoch)
+                _check_finite(ts, t, [], r, epoch + 1, per_epoch, steps.finite)
                 checkpoint(ts, Progress(r, s, A.copy(), b, train_s + time.perf_counter() - t0, n_steps,
                                         list(compiles_after_task), k_end, {}, task_records=list(records),
                                         **val_progress()))
@@ -937,7 +950,7 @@ def fit(
         if on_task_end:
             on_task_end(r, ts, A)
         if checkpoint:
-            _check_finite(ts, t, [], r, cfg.epochs, per_epoch)
+            _check_finite(ts, t, [], r, cfg.epochs, per_epoch, steps.finite)
             checkpoint(ts, Progress(r + 1, 0, A.copy(), b, train_s, n_steps, list(compiles_after_task),
                                     task_records=list(records)))
 

@@ -209,3 +209,30 @@ def test_every_registered_method_is_a_chain_with_its_state_under_its_parts_names
         cl = jax.eval_shape(m.init, jax.random.PRNGKey(0))
         own = {tr.name for tr in m.transforms}
         assert set(cl.extra) <= own, (name, sorted(cl.extra), sorted(own))
+
+
+def test_scalar_tid_models_get_t_only_when_every_row_is_the_tasks():
+    """A model with ``scalar_tid`` gets the scalar ``t`` as ``tid`` where no transform adds rows and
+    training is not cumulative; with rehearsal rows or cumulative training, the rows' own ``[N]`` ids."""
+    ctx = ctx_of("til")
+    base = classifier.model(ctx)
+    seen = []
+
+    def forward(cl, x, tid, t, train, key):
+        seen.append(tuple(jnp.shape(tid)))  # at trace time
+        return base.forward(cl, x, jnp.broadcast_to(tid, x.shape[:1]), t, train, key)
+
+    probe = base._replace(forward=forward, scalar_tid=True)
+    batch = {"x": jnp.zeros((4,) + tuple(ctx.input_shape)), "y": jnp.zeros(4, jnp.int32),
+             "tid": jnp.zeros(4, jnp.int32)}
+    t = jnp.int32(0)
+    for parts, want in [((), ()), ((transforms_of(ctx)["replay"][0],), (8,)),
+                        ((transforms_of(ctx)["joint"][0],), (4,)), ((distill.lwf(ctx),), ())]:
+        m = chain(probe, *parts)
+        cl = m.init(jax.random.PRNGKey(0))
+        seen.clear()
+        jax.make_jaxpr(lambda cl: m.loss(cl, batch, jax.random.PRNGKey(1), t))(cl)
+        assert seen[0] == want, ([p.name for p in parts], seen)  # chain's call (LwF's teacher calls again)
+    seen.clear()  # a model without the flag always gets the rows' ids
+    jax.make_jaxpr(lambda cl: chain(base._replace(forward=forward)).loss(cl, batch, jax.random.PRNGKey(1), t))(cl)
+    assert seen[0] == (4,)

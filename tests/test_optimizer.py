@@ -199,3 +199,19 @@ def test_a_checkpoint_saved_before_lr_scales_resumes_except_a_method_with_its_ow
                 ckpt.load_resume("w", cfg, method, None)
         else:
             assert ckpt.load_resume("w", cfg, method, None) == ("state", "progress", [])
+
+
+@pytest.mark.parametrize("method,sets", [("pah", ["pah.hidden=[4]", "train.lr_schedule=cosine"]), ("hnet", [])])
+def test_compiled_optimizer_init_is_the_eager_one(method, sets):
+    """Steps.opt_init (one compiled program) gives the state tx.init gives eagerly on task t's trainable
+    tree: same structure, shapes, dtypes, weak types (what the compiled train step is traced for) and
+    values (per-partition scales and an injected learning rate included)."""
+    cfg = quick_config(method, scenario="til", sets=["backbone.hidden=[8]", *sets])
+    bench, ctx, meth = _tiny(cfg)
+    tx = make_optimizer(train_config(cfg), meth)
+    cl = meth.init(jax.random.PRNGKey(0))
+    want, got = tx.init(trainable(cl, 1)), Steps(meth, tx, "til").opt_init(cl, jnp.int32(1))
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        assert (a.shape, a.dtype, a.weak_type) == (b.shape, b.dtype, b.weak_type)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -82,3 +82,26 @@ def test_bad_kernel_size_and_no_conv_are_errors(resnet):
         reprogram.init(params, 2, kernel_size=2)
     with pytest.raises(ValueError, match="no convolution"):
         reprogram.init({"dense": {"kernel": jnp.ones((3, 4))}}, 2)
+
+
+def test_train_rows_scalar_tid_is_the_all_rows_of_t_branch_without_dispatch():
+    """frozen.train_rows with a scalar tid (every row task t's) gives exactly the logits and state of
+    ``[B]`` ids all equal to t, and traces no per-row dispatch (no cond, no map over tasks)."""
+    from clax.transforms.frozen import train_rows
+
+    w = jax.random.normal(jax.random.PRNGKey(3), (3, 5, 4))  # a per-task linear "network"
+
+    def run(cl, x, s, train):
+        return x @ cl["w"][s], {"n": cl["n"] + 1}
+
+    cl = {"w": w, "n": jnp.int32(0)}
+    x = jax.random.normal(jax.random.PRNGKey(4), (6, 5))
+    t = jnp.int32(1)
+    a = train_rows(run, cl, x, t, t, 3)
+    b = train_rows(run, cl, x, jnp.full((6,), 1), t, 3)
+    assert all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    prims = lambda tid: {e.primitive.name for e in jax.make_jaxpr(lambda cl: train_rows(run, cl, x, tid, t, 3))(cl).eqns}
+    assert "cond" not in prims(t) and "cond" in prims(jnp.full((6,), 1))
+    # rows of another task (rehearsal) are scored under their own task's row
+    mixed = train_rows(run, cl, x, jnp.array([1, 1, 0, 2, 1, 0]), t, 3)[0]
+    np.testing.assert_allclose(mixed[3], x[3] @ w[2], rtol=1e-6)

@@ -42,9 +42,13 @@ def train_rows(run: Callable, cl, x, tid, t, num_tasks: int):
     ``t`` (the one being trained) take ``run(cl, x, t, True)``, whose new state is returned; where the
     batch holds rows of other tasks (rehearsal), those take ``run(cl, x, tid_b, False)`` of their own
     task with no gradient (their rows are not trained in task ``t``). A batch of task ``t`` alone gets
-    ``run(cl, x, t, True)`` unchanged (the other branch of a ``lax.cond``).
+    ``run(cl, x, t, True)`` unchanged (the other branch of a ``lax.cond``). A scalar ``tid`` says every row
+    is task ``t``'s (known when the step is traced, :attr:`clax.compose.Model.scalar_tid`): then only
+    ``run(cl, x, t, True)`` is traced, not the dispatch's two further passes.
     """
     logits, state = run(cl, x, t, True)
+    if jnp.ndim(tid) == 0:
+        return logits, state
     frozen = jax.lax.stop_gradient(cl)
 
     def mixed(own):

@@ -255,7 +255,7 @@ def model(ctx, params: PyTree, stats: PyTree, kernel_size: int = 3, full: bool =
             raise ValueError(f"method {name!r} needs task ids (TIL)")
         return by_task(lambda s: run(cl, x, s, False)[0], tid, T)
 
-    return Model(name, init_state, forward, predict, scenarios=("til",))
+    return Model(name, init_state, forward, predict, scenarios=("til",), scalar_tid=True)
 
 
 def statistics(name: str = "task_batchnorm"):

@@ -221,7 +221,7 @@ def model(ctx, params: PyTree, stats: PyTree, filter: str, binary: bool = False,
         b = jnp.einsum("t,tc,tc->c", alpha, pt["head"]["bias"], cols)
         return f @ w + b
 
-    return Model(name, init_state, forward, predict, ce=ce), superposed
+    return Model(name, init_state, forward, predict, ce=ce, scalar_tid=True), superposed
 
 
 def stored(precision: str, binary: bool = False, keep=None, predict=None, scenario: str = "til",

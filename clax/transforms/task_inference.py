@@ -135,10 +135,11 @@ def task_inference(ctx, query: Callable, predict: Callable, rule: str = "ncm", r
         pred_v = jax.jit(lambda cl, x, ids: jnp.argmax(predict(cl, x, ids), -1))
         for r, fn in every.items():
             infer_r = jax.jit(fn)
-            pred_r = jax.jit(lambda cl, x, fn=fn: jnp.argmax(predict(cl, x, fn(cl, x)), -1))
             inferred = [map_rows(lambda xb: infer_r(cl, xb), x) for x, _, _ in tasks]
             tid_ok[r] = sum(int(np.sum(i == tid)) for i, (_, _, tid) in zip(inferred, tasks)) / n
-            cls_ok[r] = sum(int(np.sum(map_rows(lambda xb: pred_r(cl, xb), x) == y)) for x, y, _ in tasks) / n
+            # the class predicted under the task ids just inferred (one compiled predict for every rule)
+            cls_ok[r] = sum(int(np.sum(map_rows(lambda xb, ib: pred_v(cl, xb, ib), x, i) == y))
+                            for i, (x, y, _) in zip(inferred, tasks)) / n
             if vote:  # each task's test set in consecutive groups of `vote` rows, the last one shorter
                 ids = [np.asarray(majority(jnp.asarray(i), vote, T)) for i in inferred]
                 tid_vote[r] = sum(int(np.sum(i == tid)) for i, (_, _, tid) in zip(ids, tasks)) / n
