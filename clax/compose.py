@@ -243,12 +243,18 @@ def chain(model: Model, *transforms: Transform, name: Optional[str] = None, scen
     name = name or "+".join(tr.name for tr in transforms) or model.name
     cumulative = any(tr.cumulative for tr in transforms)
 
-    def init(key):
-        cl = model.init(key)
+    def init_transforms(key, cl):
         for i, tr in enumerate(transforms):
             if tr.init is not None:
                 cl = with_state(cl, tr.name, tr.init(jax.random.fold_in(key, i + 1), cl))
         return cl
+
+    def init(key):
+        return init_transforms(key, model.init(key))
+
+    # clax.models.jit_init compiles the two apart: the model's init is then one program for every method
+    # on that model (the main job's 14 classifier runs share two), read back from JAX's persistent cache
+    init.stages = (model.init, init_transforms)
 
     def loss(cl, batch, key, t):
         keys = [jax.random.fold_in(key, i + 1) for i in range(len(transforms))]

@@ -154,7 +154,8 @@ def pretrain(backbone: Backbone, steps: int = 300, seed: int = 0, batch_size: in
     tr_vars, stats, loss, correct = _supervised(backbone, num_classes, batches(), lr, seed)
 
     def accuracy(idx):
-        return float(sum(correct(x[idx[s:s + 256]], y[idx[s:s + 256]]) for s in range(0, len(idx), 256))) / len(idx)
+        return float(sum(int(correct(x[idx[s:s + 256]], y[idx[s:s + 256]], 256))
+                         for s in range(0, len(idx), 256))) / len(idx)
 
     report = {
         "data": f"synthetic stroke glyphs, {num_classes} classes x {n_per_class} samples (seed {seed}); "
@@ -252,7 +253,7 @@ def pretrain_cifar10(backbone: Backbone, data_dir: str, steps: int = 2000, seed:
             yield src_tr[b], ytr[b]
 
     tr_vars, stats, loss, correct = _supervised(backbone, len(classes), prefetch(batches()), lr, seed)
-    right = sum(int(correct(src_te[s:s + 500], yte[s:s + 500])) for s in range(0, len(yte), 500))
+    right = sum(int(correct(src_te[s:s + 500], yte[s:s + 500], 500)) for s in range(0, len(yte), 500))
     report = {
         "data": f"CIFAR-10 class folders {os.path.abspath(data_dir)}: train split, {len(ytr)} images of "
                 f"{len(classes)} classes ({', '.join(classes)}), {size}x{size}, CIFAR-10 normalisation, crop "
@@ -277,7 +278,8 @@ def _init(backbone: Backbone):
 def _supervised(backbone: Backbone, num_classes: int, batches, lr: float, seed: int):
     """Adam (``lr``) on backbone + a linear head from a random initialisation (key ``seed``), one step per
     ``(x, y)`` of ``batches``. Returns ``(variables {"backbone", "head"}, batch_stats, last loss,
-    correct)``, where ``correct(x, y)`` counts the right eval-mode predictions of a batch."""
+    correct)``, where ``correct(x, y, size)`` counts the right eval-mode predictions of a batch of at most
+    ``size`` rows."""
     kb, kh = jax.random.split(jax.random.PRNGKey(seed))
     params, stats = _init(backbone)(kb)
     head = classifier.init_head(kh, backbone.feature_dim, num_classes)
@@ -295,14 +297,22 @@ def _supervised(backbone: Backbone, num_classes: int, batches, lr: float, seed: 
         return optax.apply_updates(v, upd), new, opt, loss
 
     @jax.jit
-    def _correct(v, stats, xb, yb):
+    def _correct(v, stats, xb, yb, n):
         f, _ = backbone.apply(v["backbone"], stats, xb, False)
-        return jnp.sum(jnp.argmax(classifier.head_logits(v["head"], f), -1) == yb)
+        right = jnp.argmax(classifier.head_logits(v["head"], f), -1) == yb
+        return jnp.sum(right & (jnp.arange(yb.shape[0]) < n))  # the first n rows are real
+
+    def correct(xb, yb, size: int):
+        """The right predictions among the rows of ``xb``, padded to ``size`` rows (one compilation for a
+        whole held-out set read in chunks of ``size``, its last chunk shorter)."""
+        n = len(yb)
+        pad = np.arange(size) % n
+        return _correct(tr_vars, stats, np.asarray(xb)[pad], np.asarray(yb)[pad], n)
 
     loss = float("nan")
     for xb, yb in batches:
         tr_vars, stats, opt, loss = step(tr_vars, stats, opt, xb, yb)
-    return tr_vars, stats, loss, lambda xb, yb: _correct(tr_vars, stats, xb, yb)
+    return tr_vars, stats, loss, correct
 
 
 def _check_tree(backbone: Backbone, params: PyTree, stats: PyTree, source: str) -> None:

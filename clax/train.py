@@ -590,8 +590,11 @@ class Steps:
         self.train_step = lambda ts, batch, t: self._train(ts, batch, t)
         self.eval_step = jax.jit(eval_step)
         # one compiled program each, not one eager dispatch (and compilation) per leaf shape
-        self.opt_init = jax.jit(lambda cl, t: tx.init(trainable(cl, t)))
-        self.finite = jax.jit(_all_finite)
+        def opt_init(cl, t):
+            return tx.init(trainable(cl, t))
+
+        self.opt_init = jit_init(opt_init)  # zeros: compiled at LLVM level 1 on the CPU, as inits are
+        self.finite = jit_init(_all_finite)  # comparisons only, exact at any level
 
     def shard(self, state_shardings) -> None:
         """Compiles the train step to return the state laid out as ``state_shardings`` (a

@@ -358,7 +358,8 @@ def test_pretraining_compiles_the_init_where_it_equals_the_eager_one():
 def test_inits_compiled_at_level_1_give_the_default_levels_bits():
     """clax.models.jit_init compiles an init at LLVM level 1 on the CPU (faster to compile): the values
     are those of a plain jax.jit (level 2), bit for bit, for the methods' inits (heads, hypernetworks,
-    prototypes) and the MLP backbone (the ResNets' and the ViT's: the test above)."""
+    prototypes) and the MLP backbone (the ResNets' and the ViT's: the test above). A chain's init is
+    compiled as two programs, the model's and the transforms' (``init.stages``): the same values too."""
     import jax
     import numpy as np
 
@@ -370,7 +371,8 @@ def test_inits_compiled_at_level_1_give_the_default_levels_bits():
     assert jax.default_backend() != "cpu" or INIT_CPU_OPTIONS == {"xla_backend_optimization_level": 1}
     bench = split_digits(0)
     key = jax.random.PRNGKey(5)
-    for name, scenario in (("finetune", "cil"), ("hnet", "til"), ("pah", "til")):
+    for name, scenario in (("finetune", "cil"), ("hnet", "til"), ("pah", "til"), ("ewc", "til"), ("hembed", "til")):
         ctx = make_context(get_backbone("mlp", bench.input_shape, hidden=[32]), bench, scenario)
         init = get_method(name, ctx).init
+        assert len(init.stages) == 2  # a chain's: compiled apart
         jax.tree.map(np.testing.assert_array_equal, jit_init(init)(key), jax.jit(init)(key))
