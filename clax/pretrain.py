@@ -306,7 +306,7 @@ def _supervised(backbone: Backbone, num_classes: int, batches, lr: float, seed: 
         """The right predictions among the rows of ``xb``, padded to ``size`` rows (one compilation for a
         whole held-out set read in chunks of ``size``, its last chunk shorter)."""
         n = len(yb)
-        pad = np.arange(size) % n
+        pad = np.arange(max(size, n)) % n
         return _correct(tr_vars, stats, np.asarray(xb)[pad], np.asarray(yb)[pad], n)
 
     loss = float("nan")
