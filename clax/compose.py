@@ -74,7 +74,8 @@ class Model(NamedTuple):
         training is not cumulative), so the compiled step holds no per-row task dispatch. The
         frozen-backbone models (CLR, Soft-TF) set it: their dispatch is two more backbone passes
         (:func:`clax.transforms.frozen.train_rows`), which only a batch with rehearsal rows runs but every
-        step would otherwise trace and compile.
+        step would otherwise trace and compile. Such a model's ``predict`` (and the transforms' wrappers of
+        it) also gets a scalar ``tid`` from the trainer's TIL eval step, whose batch is one task's.
     """
 
     name: str
@@ -249,12 +250,15 @@ def chain(model: Model, *transforms: Transform, name: Optional[str] = None, scen
                 cl = with_state(cl, tr.name, tr.init(jax.random.fold_in(key, i + 1), cl))
         return cl
 
+    def init_model(key):
+        return model.init(key)
+
     def init(key):
-        return init_transforms(key, model.init(key))
+        return init_transforms(key, init_model(key))
 
     # clax.models.jit_init compiles the two apart: the model's init is then one program for every method
     # on that model (the main job's 14 classifier runs share two), read back from JAX's persistent cache
-    init.stages = (model.init, init_transforms)
+    init.stages = (init_model, init_transforms)
 
     def loss(cl, batch, key, t):
         keys = [jax.random.fold_in(key, i + 1) for i in range(len(transforms))]

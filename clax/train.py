@@ -576,9 +576,12 @@ class Steps:
                 cl = method.post_update(cl, batch, sub2, t)
             return TrainState(cl, opt_state, key, ts.step + 1), {"loss": loss, **metrics, "grad_norm": grad_norm}
 
+        # a TIL batch is one task's: a model that takes a scalar task id gets t itself (no per-row dispatch)
+        one_task = method.model is not None and method.model.scalar_tid
+
         def eval_step(cl: CLState, batch: dict, t):
             self.traces["eval_step"] += 1
-            tid = jnp.full(batch["y"].shape, t, jnp.int32) if scenario == "til" else None
+            tid = (t if one_task else jnp.full(batch["y"].shape, t, jnp.int32)) if scenario == "til" else None
             out = method.predict(cl, batch["x"], tid)
             pred = jnp.argmax(out, axis=-1)
             logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)

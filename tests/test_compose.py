@@ -236,3 +236,27 @@ def test_scalar_tid_models_get_t_only_when_every_row_is_the_tasks():
     seen.clear()  # a model without the flag always gets the rows' ids
     jax.make_jaxpr(lambda cl: chain(base._replace(forward=forward)).loss(cl, batch, jax.random.PRNGKey(1), t))(cl)
     assert seen[0] == (4,)
+
+
+def test_eval_step_gives_scalar_tid_models_the_task_itself():
+    """The trainer's TIL eval step passes ``t`` as ``tid`` to a model with ``scalar_tid`` (its batch is one
+    task's), ``[B]`` ids to any other; CIL passes None."""
+    from clax.train import Steps
+
+    seen = []
+    for scenario in ("til", "cil"):
+        ctx = ctx_of(scenario)
+        base = classifier.model(ctx)
+
+        def predict(cl, x, tid, base=base):
+            seen.append(None if tid is None else tuple(jnp.shape(tid)))
+            return base.predict(cl, x, None if tid is None else jnp.broadcast_to(tid, x.shape[:1]))
+
+        batch = {"x": jnp.zeros((4,) + tuple(ctx.input_shape)), "y": jnp.zeros(4, jnp.int32), "w": jnp.ones(4)}
+        for flag in (True, False):
+            m = chain(base._replace(predict=predict, scalar_tid=flag))
+            seen.clear()
+            jax.make_jaxpr(Steps(m, make_optimizer(CFG, m), scenario).eval_step)(
+                m.init(jax.random.PRNGKey(0)), batch, jnp.int32(1))
+            assert seen == [() if flag and scenario == "til" else (4,) if scenario == "til" else None], \
+                (scenario, flag, seen)

@@ -44,7 +44,8 @@ def test_compiles_counts_every_xla_compilation_as_jax_monitoring_does():
     assert t["compiles"] == len(names), (t, names)
     assert t["step_traces"] == 2 and t["traces"] == {"train_step": 1, "eval_step": 1}
     assert t["compiles"] > t["step_traces"] and t["compile_s"] > 0
-    assert names.count("jit(init)") == 1  # the method's init: one jitted compilation, not its eager operations
+    # the method's init: two compiled programs (the model's, the transforms'), not its eager operations
+    assert names.count("jit(init_model)") == 1 and names.count("jit(init_transforms)") == 1
     assert "jit(train_step)" in names and "jit(eval_step)" in names
 
 
