@@ -154,8 +154,7 @@ def pretrain(backbone: Backbone, steps: int = 300, seed: int = 0, batch_size: in
     tr_vars, stats, loss, correct = _supervised(backbone, num_classes, batches(), lr, seed)
 
     def accuracy(idx):
-        return float(sum(int(correct(x[idx[s:s + 256]], y[idx[s:s + 256]], 256))
-                         for s in range(0, len(idx), 256))) / len(idx)
+        return correct(x[idx], y[idx], 256) / len(idx)
 
     report = {
         "data": f"synthetic stroke glyphs, {num_classes} classes x {n_per_class} samples (seed {seed}); "
@@ -253,7 +252,7 @@ def pretrain_cifar10(backbone: Backbone, data_dir: str, steps: int = 2000, seed:
             yield src_tr[b], ytr[b]
 
     tr_vars, stats, loss, correct = _supervised(backbone, len(classes), prefetch(batches()), lr, seed)
-    right = sum(int(correct(src_te[s:s + 500], yte[s:s + 500], 500)) for s in range(0, len(yte), 500))
+    right = correct(src_te, yte, 500)
     report = {
         "data": f"CIFAR-10 class folders {os.path.abspath(data_dir)}: train split, {len(ytr)} images of "
                 f"{len(classes)} classes ({', '.join(classes)}), {size}x{size}, CIFAR-10 normalisation, crop "
@@ -278,8 +277,8 @@ def _init(backbone: Backbone):
 def _supervised(backbone: Backbone, num_classes: int, batches, lr: float, seed: int):
     """Adam (``lr``) on backbone + a linear head from a random initialisation (key ``seed``), one step per
     ``(x, y)`` of ``batches``. Returns ``(variables {"backbone", "head"}, batch_stats, last loss,
-    correct)``, where ``correct(x, y, size)`` counts the right eval-mode predictions of a batch of at most
-    ``size`` rows."""
+    correct)``, where ``correct(x, y, chunk)`` counts the right eval-mode predictions over all rows of ``x``
+    (an array or a lazy image source), read in chunks of ``chunk`` rows."""
     kb, kh = jax.random.split(jax.random.PRNGKey(seed))
     params, stats = _init(backbone)(kb)
     head = classifier.init_head(kh, backbone.feature_dim, num_classes)
@@ -302,12 +301,15 @@ def _supervised(backbone: Backbone, num_classes: int, batches, lr: float, seed: 
         right = jnp.argmax(classifier.head_logits(v["head"], f), -1) == yb
         return jnp.sum(right & (jnp.arange(yb.shape[0]) < n))  # the first n rows are real
 
-    def correct(xb, yb, size: int):
-        """The right predictions among the rows of ``xb``, padded to ``size`` rows (one compilation for a
-        whole held-out set read in chunks of ``size``, its last chunk shorter)."""
-        n = len(yb)
-        pad = np.arange(max(size, n)) % n
-        return _correct(tr_vars, stats, np.asarray(xb)[pad], np.asarray(yb)[pad], n)
+    def correct(x, y, chunk: int) -> int:
+        """The right predictions over every row of ``x``; the last, shorter chunk is padded to ``chunk``
+        rows (one compilation for the whole set)."""
+        right = 0
+        for s in range(0, len(y), chunk):
+            yb = np.asarray(y[s:s + chunk])
+            pad = np.arange(chunk) % len(yb)
+            right += int(_correct(tr_vars, stats, np.asarray(x[s:s + chunk])[pad], yb[pad], len(yb)))
+        return right
 
     loss = float("nan")
     for xb, yb in batches:

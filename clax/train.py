@@ -703,11 +703,10 @@ def _all_finite(cl: CLState, t) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
 
 
-def _check_finite(ts: TrainState, t, losses: list, r: int, epoch: int, per_epoch: int,
-                  finite: Callable = _all_finite) -> None:
+def _check_finite(ts: TrainState, t, losses: list, r: int, epoch: int, per_epoch: int, finite: Callable) -> None:
     """Raises :class:`NonFiniteLossError` naming task ``r`` and the step if a loss of the current epoch
-    (``losses``) or a trained parameter is NaN or infinite (``finite``: :func:`_all_finite`, or the
-    compiled :attr:`Steps.finite`)."""
+    (``losses``) or a trained parameter (``finite``: the compiled :func:`_all_finite`, :attr:`Steps.finite`)
+    is NaN or infinite."""
     arr = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
     if not np.isfinite(arr).all():
         bad = int(np.argmax(~np.isfinite(arr)))
