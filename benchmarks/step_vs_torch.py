@@ -4,6 +4,10 @@ Prints the median step time of: the clax trainer's compiled step, a plain Flax/o
 network (to see what the continual-learning machinery costs), and the same step in PyTorch on the
 CPU; then the same clax step under other XLA CPU settings, each in a fresh process.
 
+The trainer's step and the forward pass compile as :func:`clax.train.fit` compiles them, with
+:func:`clax.models.step_options` (on the CPU, XLA's own convolutions instead of YNNPACK's for this
+width); the plain step with XLA's default options, so ``clax/plain`` also shows what those options do.
+
     python benchmarks/step_vs_torch.py              # everything (needs torch for the PyTorch line)
     python benchmarks/step_vs_torch.py --only clax  # one measurement (used for the XLA variants)
 """
@@ -38,13 +42,14 @@ def clax_step(iters: int) -> dict:
     import optax
 
     from clax.config import apply_overrides, default_config, train_config
+    from clax.models import step_options
     from clax.runner import build
     from clax.train import Steps, TrainState, make_optimizer, trainable
 
     cfg = apply_overrides(default_config("finetune"), ["scenario=cil", "backbone.name=resnet18", f"backbone.nf={NF}"])
     _, ctx, method = build(cfg)
     tx = make_optimizer(train_config(cfg))
-    steps = Steps(method, tx, "cil")
+    steps = Steps(method, tx, "cil", step_options(ctx.backbone))  # as clax.train.fit compiles it
     cl = method.init(jax.random.PRNGKey(0))
     ts = TrainState(cl, tx.init(trainable(cl, 0)), jax.random.PRNGKey(1), jnp.zeros((), jnp.int32))
     rng = np.random.default_rng(0)
@@ -88,7 +93,7 @@ def clax_step(iters: int) -> dict:
 
     plain_s = _median_time(one_plain, 3, iters)
 
-    fwd = jax.jit(lambda p, s, x: bb.apply(p["bb"], s, x, False)[0])
+    fwd = jax.jit(lambda p, s, x: bb.apply(p["bb"], s, x, False)[0], compiler_options=step_options(bb))  # as eval
 
     def one_fwd():
         jax.block_until_ready(fwd(pst["p"], pst["s"], batch["x"]))

@@ -283,6 +283,7 @@ def evaluate_workdir(workdir: str) -> dict:
     """
     from clax.config import train_config
     from clax.runner import build
+    from clax.models import step_options
     from clax.train import Steps, evaluate, make_optimizer
 
     from clax import checkpoint as ckpt
@@ -297,7 +298,7 @@ def evaluate_workdir(workdir: str) -> dict:
     ts = ckpt.restore_train_state(state["train_state"], method, tx)
     done, T = int(meta["tasks_done"]), bench.num_tasks
     n = min(T, done + (1 if int(meta["task_step"]) else 0))
-    steps = Steps(method, tx, ctx.scenario)
+    steps = Steps(method, tx, ctx.scenario, step_options(ctx.backbone))
     acc = [evaluate(steps, ts.cl, bench, ctx.scenario, c, tcfg.eval_batch_size) for c in range(n)]
     A = np.asarray(state["accuracy_matrix"], np.float64)
     saved = [None] * n

@@ -28,7 +28,7 @@ from clax import workdir as wd
 from clax.config import ConfigError, check_workdir, train_config, validate
 from clax.data import BENCHMARKS, get_benchmark
 from clax.methods import get_method, method_settings, parts
-from clax.models import backbone_view, get_backbone
+from clax.models import backbone_view, get_backbone, step_options
 from clax.plot import accuracy_heatmap
 from clax.train import NonFiniteLossError, fit, make_context, make_optimizer, validation_splits
 from clax import cache, tracking
@@ -193,7 +193,8 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
         # checkpoints store and compare the config without log/eval/cache: they do not change results
         kw, rows = _checkpointing(tracking.run_identity(cfg), workdir, method, tcfg, fresh)
     tracker = tracking.open_tracker(workdir if M.is_main() else None, cfg, tcfg.batch_size, kw.get("resume"),
-                                    tracking.evaluator(method, bench, ctx.scenario, tcfg.eval_batch_size))
+                                    tracking.evaluator(method, bench, ctx.scenario, tcfg.eval_batch_size,
+                                                                      step_options(ctx.backbone)))
     out = None
     try:
         out = fit(method, ctx, bench, tcfg, progress=progress, **tracking.hooks(tracker, rows.append), **kw,

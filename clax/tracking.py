@@ -236,9 +236,10 @@ def open_tracker(workdir: Optional[str], cfg: dict, batch_size: int, resume=None
     return Tracker(workdir, cfg, batch_size, start, resumed, evaluate)
 
 
-def evaluator(method, bench, scenario: str, batch_size: int):
+def evaluator(method, bench, scenario: str, batch_size: int, compiler_options=None):
     """``(train_state, task) -> test accuracy``, for ``eval.every_epoch``: its own compiled eval step,
-    made at the first call (so a run without ``eval.every_epoch`` compiles nothing more)."""
+    made at the first call (so a run without ``eval.every_epoch`` compiles nothing more), with the run's
+    steps' ``compiler_options`` (:func:`clax.models.step_options`)."""
     made: list = []
 
     def evaluate(ts, c: int) -> float:
@@ -247,7 +248,7 @@ def evaluator(method, bench, scenario: str, batch_size: int):
         from clax.train import Steps, evaluate as eval_task
 
         if not made:
-            made.append(Steps(method, optax.identity(), scenario))
+            made.append(Steps(method, optax.identity(), scenario, compiler_options))
         return eval_task(made[0], ts.cl, bench, scenario, c, batch_size)
 
     return evaluate

@@ -24,7 +24,7 @@ from clax import partition as P
 from clax.data import Benchmark, check_scenario, eval_batches, train_batches
 from clax.methods.base import Context, Method, TaskData
 from clax.metrics import CompileCounter, summarize
-from clax.models import Backbone, jit_init
+from clax.models import Backbone, jit_init, step_options
 from clax.partition import CLState
 from clax.compose import optimizer_step
 
@@ -535,10 +535,16 @@ class Steps:
     of the cross-entropy of the softmax of ``predict``'s output, over the batch's real rows (weight
     ``w``); :func:`evaluate` uses the first, the validation set (:attr:`TrainConfig.val_fraction`) both.
 
+    ``compiler_options`` (XLA options of both steps' compilation) is what :func:`fit` passes as
+    :func:`clax.models.step_options` of the run's backbone: None (XLA's defaults) but for a ResNet-18 of
+    ``nf >= 12`` on the CPU. Anything that must reproduce a run's predictions (``clax eval``) builds its
+    steps with the same options.
+
     ``opt_init(cl, t)`` is the optimizer's state for task ``t``'s trainable tree and ``finite(cl, t)``
     whether every inexact leaf of it is finite, each one compiled program (exact: zeros, comparisons)."""
 
-    def __init__(self, method: Method, tx: optax.GradientTransformation, scenario: str):
+    def __init__(self, method: Method, tx: optax.GradientTransformation, scenario: str,
+                 compiler_options: Optional[dict] = None):
         self.traces = {"train_step": 0, "eval_step": 0}
 
         def train_step(ts: TrainState, batch: dict, t):
@@ -589,9 +595,10 @@ class Steps:
             return jnp.sum((pred == batch["y"]) * batch["w"]), jnp.sum(nll * batch["w"])
 
         self._step_fn = train_step
-        self._train = jax.jit(train_step)
+        self._options = compiler_options
+        self._train = jax.jit(train_step, compiler_options=compiler_options)
         self.train_step = lambda ts, batch, t: self._train(ts, batch, t)
-        self.eval_step = jax.jit(eval_step)
+        self.eval_step = jax.jit(eval_step, compiler_options=compiler_options)
         # one compiled program each, not one eager dispatch (and compilation) per leaf shape
         def opt_init(cl, t):
             return tx.init(trainable(cl, t))
@@ -606,7 +613,8 @@ class Steps:
         key = (jax.tree.structure(state_shardings), tuple(jax.tree.leaves(state_shardings)))
         if getattr(self, "_layout", None) != key:  # the same layout again (another run): keep the compiled step
             self._layout = key
-            self._train = jax.jit(self._step_fn, out_shardings=(state_shardings, None))
+            self._train = jax.jit(self._step_fn, out_shardings=(state_shardings, None),
+                                  compiler_options=self._options)
 
     @property
     def compiles(self) -> int:
@@ -812,7 +820,7 @@ def fit(
     M.check_batch(mesh, cfg.eval_batch_size, "train.eval_batch_size")
     tx = make_optimizer(cfg, method, optimizer)
     compiled = CompileCounter()  # every XLA compilation of the run from here on: timing["compiles"]
-    steps = Steps(method, tx, scenario)
+    steps = Steps(method, tx, scenario, step_options(ctx.backbone))
     layout: list = []  # the TrainState's shardings, made once from its first value
 
     # In a multi-process run the host-side hooks see the state as NumPy (the same in every process) and

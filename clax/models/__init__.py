@@ -6,6 +6,7 @@ BatchNorm). A backbone yields features; heads belong to the continual-learning m
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -50,6 +51,50 @@ class Backbone(NamedTuple):
 
 #: XLA options of :func:`jit_init`'s compilation on the CPU (LLVM optimisation level 1 instead of 2)
 INIT_CPU_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+#: XLA options for the compiled steps of a wide-enough ResNet-18 on the CPU (:func:`step_options`):
+#: XLA's default set of YNNPACK library fusions (dots, convolutions, reductions) less the convolutions,
+#: which then run as XLA's own
+CONV_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+#: the narrowest ResNet-18 (``nf``) whose steps get :data:`CONV_CPU_OPTIONS`
+CONV_CPU_MIN_NF = 12
+
+
+@functools.lru_cache(maxsize=None)
+def _accepts(options: tuple) -> bool:
+    """Whether this jaxlib's CPU compiler takes ``options`` (an experimental XLA option may be renamed
+    or dropped in another release: then clax compiles with XLA's defaults)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(jnp.zeros((), jnp.float32)).compile()
+        return True
+    except Exception:  # noqa: BLE001 - an unknown option or value: keep XLA's defaults
+        return False
+
+
+def step_options(backbone: "Backbone | None") -> dict | None:
+    """The XLA compiler options of the compiled steps (train, eval) of a model on ``backbone``, or None
+    for XLA's defaults.
+
+    On the CPU, XLA hands convolutions, dots and reductions to YNNPACK by default. For a ResNet-18 of
+    width ``nf >= 12`` (:data:`CONV_CPU_MIN_NF`), the convolutions run faster as XLA's own
+    (:data:`CONV_CPU_OPTIONS`); for the narrow ``nf=8`` YNNPACK's are faster. Train step of a plain
+    ResNet-18, 32x32x3, Adam, on a 2-core CPU (``benchmarks/step_vs_torch.py`` and the same step at
+    other widths), XLA's convolutions against YNNPACK's: nf=8 batch 32 1.23x (slower, so not used),
+    nf=12 0.79x, nf=16 1.02x, nf=20 0.72-0.78x (batch 64) and 0.74x (batch 32), nf=64 0.76x.
+
+    Only convolutions change, so models without one (MLPs) and every other backbone compile as before;
+    on a ResNet-18 with ``nf >= 12`` the results differ from XLA's defaults in the last bits (another
+    convolution kernel), and are the same from run to run. Other backends, or a jaxlib that does not
+    know the option, get None.
+    """
+    if backbone is None or jax.default_backend() != "cpu":
+        return None
+    module = backbone.module
+    if not (isinstance(module, ResNet18) and module.nf >= CONV_CPU_MIN_NF):
+        return None
+    return dict(CONV_CPU_OPTIONS) if _accepts(tuple(CONV_CPU_OPTIONS.items())) else None
 
 
 def jit_init(fn: Callable) -> Callable:
@@ -175,4 +220,4 @@ def get_backbone(name: str, input_shape, **settings) -> Backbone:
 
 
 __all__ = ["BACKBONES", "BACKBONE_RULES", "Backbone", "check_backbone_settings", "MLP", "ResNet18", "ResNet32", "ViT", "backbone_view", "from_module",
-           "get_backbone"]
+           "get_backbone", "step_options"]
