@@ -15,7 +15,7 @@ from clax.train import Steps, TrainConfig, TrainState, make_optimizer, trainable
 
 def train_step_seconds(method: Method, bench: Benchmark, t: int = 0, iters: int = 20, batch_size: int = 32,
                        warmup: int = 3, begin_task: bool = False, cfg: TrainConfig | None = None,
-                       mesh=None, blocks: int = 1) -> float:
+                       mesh=None, blocks: int = 1, compiler_options: dict | None = None) -> float:
     """Median seconds of ``iters`` calls of the compiled train step of ``method`` on one TIL batch of
     task ``t`` of ``bench`` (after ``warmup`` calls, which include the compilation); with ``blocks > 1``
     the lowest median of that many blocks of ``iters`` calls (a block's median on these shared 2-core
@@ -24,11 +24,12 @@ def train_step_seconds(method: Method, bench: Benchmark, t: int = 0, iters: int 
     With ``begin_task`` the method's ``begin_task`` hook runs first on task ``t``'s training data (as
     the trainer does), e.g. for methods that build per-task state there. With ``mesh`` (a
     :mod:`clax.mesh` mesh) the state is laid out on it and the batch split along its data axis, as
-    :func:`clax.train.fit` does.
+    :func:`clax.train.fit` does. ``compiler_options`` are the step's XLA options: pass
+    ``clax.models.step_options(ctx.backbone)`` to time the step as :func:`clax.train.fit` compiles it.
     """
     cfg = cfg or TrainConfig(batch_size=batch_size, lr=1e-3)
     tx = make_optimizer(cfg, method)
-    steps = Steps(method, tx, "til")
+    steps = Steps(method, tx, "til", compiler_options)
     cl = method.init(jax.random.PRNGKey(0))
     task = bench.tasks[t]
     y = task.targets(task.y_train, "til")

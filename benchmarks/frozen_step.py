@@ -23,7 +23,7 @@ import jax
 from clax.compose import chain
 from clax.data import get_benchmark
 from clax.methods import get_method
-from clax.models import get_backbone
+from clax.models import get_backbone, step_options
 from clax.train import make_context
 from clax.transforms import classifier
 
@@ -50,7 +50,8 @@ def main(argv=None):
         clr = get_method("clr", ctx, pretrained="none")
         bn_only = clr._replace(init=lambda k, clr=clr: (lambda cl: cl.replace(
             per_task={**cl.per_task, "reprogram": {}}))(clr.init(k)))
-        r = {name: train_step_seconds(m, bench, iters=args.steps) for name, m in
+        opts = step_options(ctx.backbone)  # as clax.train.fit compiles the steps
+        r = {name: train_step_seconds(m, bench, iters=args.steps, compiler_options=opts) for name, m in
              (("clr", clr), ("probe", linear_probe(ctx)), ("bn+head", bn_only),
               ("finetune", get_method("finetune", ctx)))}
         rows.append((f"resnet18 nf={nf}", r, "clr", ("bn+head", "probe")))
