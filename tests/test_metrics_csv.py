@@ -70,7 +70,7 @@ def _built(name: str):
 def run(monkeypatch):
     """Runs ``name`` in ``workdir`` with the cached method and steps; returns the recorded steps."""
     monkeypatch.setattr(runner, "build", lambda cfg: _built(cfg["method"])[1])
-    monkeypatch.setattr(train_mod, "Steps", lambda method, tx, scenario: _built(method.name)[2])
+    monkeypatch.setattr(train_mod, "Steps", lambda method, tx, scenario, options=None: _built(method.name)[2])
     monkeypatch.setattr(runner, "accuracy_heatmap", lambda *a, **k: None)
 
     def go(name, workdir, stop_after=None):

@@ -114,7 +114,7 @@ def _built(name: str):
 def hooks(monkeypatch):
     """Runs through ``clax.runner.run`` with the cached method and steps, and stops at the plan's point."""
     monkeypatch.setattr(runner, "build", lambda cfg: _built(cfg["method"])[1])
-    monkeypatch.setattr(train_mod, "Steps", lambda method, tx, scenario: _built(method.name)[2])
+    monkeypatch.setattr(train_mod, "Steps", lambda method, tx, scenario, options=None: _built(method.name)[2])
     save = ckpt.save_progress
 
     def save_then_stop(mngr, ts, progress, config, rows=None):
