@@ -89,3 +89,14 @@ def test_resnet18_train_gradients_equal_plain_lax(monkeypatch):
     ref = grads()
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_hold_is_staged_out_for_the_cpu_only():
+    # lowered for each platform without its device (jax.export): the barrier branch exists only on the CPU
+    from jax import export
+    ours, _ = _pair(*CASES[0])
+    x, w = _inputs(CASES[0][0])
+    g = jax.jit(jax.grad(_loss(ours), argnums=1))
+    for platform, barriers in (("cpu", 1), ("cuda", 0), ("tpu", 0)):
+        text = export.export(g, platforms=[platform])(x, w).mlir_module()
+        assert ("optimization_barrier" in text) == bool(barriers), platform
