@@ -194,7 +194,7 @@ def _run(cfg: dict, workdir: str | None, progress: bool, fresh: bool) -> dict:
         kw, rows = _checkpointing(tracking.run_identity(cfg), workdir, method, tcfg, fresh)
     tracker = tracking.open_tracker(workdir if M.is_main() else None, cfg, tcfg.batch_size, kw.get("resume"),
                                     tracking.evaluator(method, bench, ctx.scenario, tcfg.eval_batch_size,
-                                                                      step_options(ctx.backbone)))
+                                                       step_options(ctx.backbone)))
     out = None
     try:
         out = fit(method, ctx, bench, tcfg, progress=progress, **tracking.hooks(tracker, rows.append), **kw,
