@@ -148,14 +148,9 @@ def cmd_run(args) -> int:
     jobs = default_jobs() if args.jobs is None else args.jobs
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    jobs = min(jobs, len(schedule(runs)))  # a method's runs share one worker
     t0 = time.perf_counter()
-    if jobs == 1 or len(runs) < 2:
-        rows = []
-        for name, scen in runs:
-            print(f"== {name} ({scen.upper()})", flush=True)
-            rows.append(_run_one(args, name, scen, os.path.join(root, f"{name}-{scen}")))
-    else:
-        rows = _run_parallel(args, runs, root, jobs)
+    rows = _run_parallel(args, runs, root, jobs)
     print()
     print(format_table(rows))
     print(f"\n{len(rows)} runs in {time.perf_counter() - t0:.0f} s ({jobs} worker process{'es' if jobs > 1 else ''}); "
@@ -163,10 +158,39 @@ def cmd_run(args) -> int:
     return 0
 
 
+#: the most worker processes the main job starts by default (each holds a JAX runtime, about 1 GB)
+MAX_DEFAULT_JOBS = 8
+
+
+def usable_cores() -> list[int]:
+    """The cores this process may run on (its affinity), or ``range(os.cpu_count())`` where the platform
+    does not say."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def default_jobs() -> int:
-    """The main job's worker processes when ``--jobs`` is not given: 2 where the machine has at least 2
-    cores (one JAX process leaves the second core mostly idle while it compiles), else 1."""
-    return 2 if (os.cpu_count() or 1) >= 2 else 1
+    """The main job's worker processes when ``--jobs`` is not given: one per usable core, at most
+    :data:`MAX_DEFAULT_JOBS` (each worker runs on one core, :func:`pin_worker`)."""
+    return max(1, min(MAX_DEFAULT_JOBS, len(usable_cores())))
+
+
+def pin_worker(counter, cores: list[int]) -> None:
+    """Initializer of the main job's worker processes: the ``i``-th worker started (``counter``, a shared
+    ``multiprocessing.Value``) runs on core ``cores[i % len(cores)]`` alone, set before JAX starts its
+    CPU runtime, which sizes its thread pools by the cores it may use: one thread each.
+
+    So workers do not take cores from each other (on 2 cores, 2 workers of 2 threads each spent about a
+    tenth more CPU time), and each run's numbers are the same whatever ``--jobs`` and however many
+    cores the machine has: XLA's CPU results depend in the last bits on the thread count (a
+    ``clax run --method M`` uses every core; ``taskset -c 0 clax run --method M`` gives the main job's
+    row). Where the platform cannot pin (no ``os.sched_setaffinity``), workers run unpinned."""
+    with counter.get_lock():
+        i = counter.value
+        counter.value += 1
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cores[i % len(cores)]})
 
 
 def _worker_runs(args, group: list, root: str) -> list:
@@ -196,18 +220,21 @@ def schedule(runs: list) -> dict:
 
 
 def _run_parallel(args, runs: list, root: str, jobs: int) -> list:
-    """The main job's runs on ``jobs`` worker processes (spawned, so each has its own JAX). The runs of
-    one method stay in one process, in order; the methods with the most runs and the heaviest
-    (frozen backbones, hypernetworks, masks) start first. Results come back in the registry's order,
-    as the sequential job prints them; a failed run stops the job with its error once the running
-    ones have finished."""
+    """The main job's runs on ``jobs`` worker processes (spawned, so each has its own JAX; each on one
+    core, :func:`pin_worker`; ``jobs=1`` too, so that the numbers do not depend on ``jobs``). The runs
+    of one method stay in one process, in order; the methods with the most runs and the heaviest
+    (frozen backbones, hypernetworks, masks) start first. Results come back in the registry's order;
+    a failed run stops the job with its error once the running ones have finished."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
     groups = schedule(runs)
-    args = argparse.Namespace(**{**vars(args), "quiet": True})  # bars from several processes would interleave
+    if jobs > 1:  # bars from several processes would interleave
+        args = argparse.Namespace(**{**vars(args), "quiet": True})
+    ctx = mp.get_context("spawn")
     results: dict = {}
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=pin_worker,
+                                initargs=(ctx.Value("i", 0), usable_cores())) as pool:
         futures = {pool.submit(_worker_runs, args, group, root): n for n, group in groups.items()}
         for fut in cf.as_completed(futures):
             for (name, scen), res in zip(groups[futures[fut]], fut.result()):
@@ -396,8 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars. Default: off (bars on a terminal)")
     r.add_argument("--jobs", type=int, metavar="N",
                    help="without --method: worker processes that run the main job's runs side by side (each "
-                        "method's runs stay in one process, in order), an integer >= 1. Default: 2 on a machine "
-                        "with at least 2 cores, else 1")
+                        "method's runs stay in one process, in order; each process on one core, so the numbers do "
+                        "not depend on N or on the machine), an integer >= 1. Default: one per core, at most 8")
     r.add_argument("--fresh", action="store_true",
                    help="move an existing workdir to WORKDIR.old-N and start over instead of resuming. "
                         "Default: off (resume)")

@@ -166,17 +166,39 @@ def test_main_job_schedule_starts_heavy_methods_first_and_keeps_a_methods_runs_t
     assert HEAVY.index("clr") < HEAVY.index("soft_tf")
 
 
-def test_main_job_on_two_worker_processes_equals_the_sequential_runs(tmp_path):
-    """The parallel main job (spawned workers) returns, in the registry's order, the results the same runs
-    give one after another in this process (same accuracy matrices, bit for bit)."""
-    from clax.cli import _run_one, _run_parallel, build_parser
+def test_main_job_on_two_worker_processes_equals_one_worker(tmp_path):
+    """The parallel main job (spawned workers, each on one core) returns, in the registry's order, the
+    results the same runs give one after another in one worker (same accuracy matrices, bit for bit)."""
+    from clax.cli import _run_parallel, build_parser
 
     args = build_parser().parse_args(["run", "--epochs", "1", "--quiet", "--set", "train.epochs=1",
                                       "--set", "log.tensorboard=false"])
     runs = [("finetune", "til"), ("lwf", "cil")]
     par = _run_parallel(args, runs, str(tmp_path / "par"), 2)
-    seq = [_run_one(args, m, s, str(tmp_path / "seq" / f"{m}-{s}")) for m, s in runs]
+    seq = _run_parallel(args, runs, str(tmp_path / "seq"), 1)
     assert [(r["method"], r["scenario"]) for r in par] == runs
     for p, q in zip(par, seq):
         assert p["accuracy_matrix"] == q["accuracy_matrix"]
     assert (tmp_path / "par" / "lwf-cil" / "results.json").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="the platform cannot pin a process to a core")
+def test_main_job_workers_each_run_on_one_core_in_turn():
+    """pin_worker (the workers' initializer) puts the i-th worker started on the i-th usable core alone,
+    round robin; the default worker count is one per usable core, at most MAX_DEFAULT_JOBS."""
+    import multiprocessing as mp
+
+    from clax.cli import MAX_DEFAULT_JOBS, default_jobs, pin_worker, usable_cores
+
+    cores = usable_cores()
+    assert cores == sorted(os.sched_getaffinity(0))
+    assert default_jobs() == max(1, min(MAX_DEFAULT_JOBS, len(cores)))
+    before, counter, seen = os.sched_getaffinity(0), mp.Value("i", 0), []
+    try:
+        for _ in range(len(cores) + 1):
+            pin_worker(counter, cores)
+            seen.append(os.sched_getaffinity(0))
+    finally:
+        os.sched_setaffinity(0, before)
+    assert seen == [{c} for c in cores] + [{cores[0]}]
+    assert counter.value == len(cores) + 1

@@ -135,3 +135,10 @@ def test_map_rows_gives_the_full_batch_result_and_compiles_once_for_every_length
         assert got.shape == (n,)
         np.testing.assert_array_equal(got, np.argmax(x @ np.asarray(w), -1) + 10 * t)
     assert c.count == 0  # every length went through the one batch-of-4 program
+    # a list of parts (each task's test set) is read as their concatenation, rows as lists too
+    parts = [np.random.default_rng(k).normal(size=(k, 5)).astype(np.float32) for k in (3, 1, 6)]
+    ts = [np.full(len(p), k % 2) for k, p in enumerate(parts)]
+    got = map_rows(f, parts, ts, batch_size=4)
+    x, t = np.concatenate(parts), np.concatenate(ts)
+    np.testing.assert_array_equal(got, np.argmax(x @ np.asarray(w), -1) + 10 * t)
+    assert c.count == 0

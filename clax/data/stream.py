@@ -193,17 +193,35 @@ def map_rows(fn: Callable, x, *rows, batch_size: int = 256) -> np.ndarray:
     :func:`eval_batches` pads (with its own rows), the outputs concatenated with the padding dropped.
 
     Every batch has the same shape, so a jitted ``fn`` compiles once for every test set, whatever its
-    length (the test reports of Soft-TF's task-id inference and mask precision, evaluated on each task's
-    test set, compiled once per task before). ``x`` may be a lazy image source (rows are read by index).
+    length (the test reports of Soft-TF's task-id inference and mask precision compiled once per task
+    before). ``x`` may be a lazy image source (rows are read by index), or a list of arrays or sources
+    taken one after the other (and each of ``rows`` a list of as many arrays): every task's test set
+    in one pass, so that only the last batch of all is padded, not each task's.
     """
-    n = len(x)
+    parts = list(x) if isinstance(x, (list, tuple)) else [x]
+    rows = [np.concatenate([np.asarray(p) for p in r]) if isinstance(r, (list, tuple)) else np.asarray(r)
+            for r in rows]
+    offsets = np.cumsum([0] + [len(p) for p in parts])
+    n = int(offsets[-1])
+
+    def take(idx):
+        if len(parts) == 1:
+            return np.asarray(parts[0][idx])
+        part = np.searchsorted(offsets, idx, side="right") - 1
+        got = {int(q): np.asarray(parts[q][idx[part == q] - offsets[q]]) for q in np.unique(part)}
+        first = next(iter(got.values()))
+        out = np.empty((len(idx),) + first.shape[1:], first.dtype)
+        for q, v in got.items():
+            out[part == q] = v
+        return out
+
     out = []
     for s in range(0, n, batch_size):
         idx = np.arange(s, min(s + batch_size, n))
         k = len(idx)
         if k < batch_size:
             idx = np.concatenate([idx, idx[np.arange(batch_size - k) % k]])
-        out.append(np.asarray(fn(np.asarray(x[idx]), *(np.asarray(r)[idx] for r in rows)))[:k])
+        out.append(np.asarray(fn(take(idx), *(r[idx] for r in rows)))[:k])
     return np.concatenate(out) if out else np.zeros((0,))
 
 

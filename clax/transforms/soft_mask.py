@@ -250,17 +250,18 @@ def stored(precision: str, binary: bool = False, keep=None, predict=None, scenar
         return n - P.nbytes(P.task_row(masks, 0))
 
     def test_report(cl, bench):
-        tasks = [(t.x_test, t.targets(t.y_test, scenario), np.full((len(t.y_test),), t.task_id, np.int32))
-                 for t in bench.tasks]
-        n = sum(len(y) for _, y, _ in tasks)
+        # every task's test set in one pass of fixed-size batches (map_rows): one compilation, one padding
+        x = [t.x_test for t in bench.tasks]
+        y = np.concatenate([t.targets(t.y_test, scenario) for t in bench.tasks])
+        tid = np.concatenate([np.full((len(t.y_test),), t.task_id, np.int32) for t in bench.tasks])
         pred = jax.jit(lambda cl, x, tid: jnp.argmax(predict(cl, x, tid), -1))
         acc = {}
-        for prec in PRECISIONS:  # fixed-size batches (map_rows): one compilation for every test set
+        for prec in PRECISIONS:
             q = cl.replace(per_task={**cl.per_task, "mask": {
                 k: jax.vmap(lambda m: quantize(m, prec))(v) for k, v in cl.per_task["mask"].items()}})
-            acc[prec] = sum(int(np.sum((map_rows(lambda xb: pred(q, xb, None), x) if scenario == "cil" else
-                                        map_rows(lambda xb, tb: pred(q, xb, tb), x, tid)) == y))
-                            for x, y, tid in tasks) / n
+            got = (map_rows(lambda xb: pred(q, xb, None), x) if scenario == "cil" else
+                   map_rows(lambda xb, tb: pred(q, xb, tb), x, tid))
+            acc[prec] = int(np.sum(got == y)) / len(y)
         return {"accuracy_by_mask_precision": acc}
 
     return Transform(name, end_task=end_task, task_bytes=task_bytes,

@@ -125,26 +125,25 @@ def task_inference(ctx, query: Callable, predict: Callable, rule: str = "ncm", r
         return with_state(cl, name, {"class_means": means})
 
     def test_report(cl, bench):
-        # every rule is per sample: each task's test set goes through in fixed-size batches (map_rows),
-        # so each function compiles once, not once per test-set length
-        tasks = [(t.x_test, t.targets(t.y_test, "cil"), np.full((len(t.y_test),), t.task_id, np.int32))
-                 for t in bench.tasks]
-        n = sum(len(y) for _, y, _ in tasks)
+        # every rule is per sample: every task's test set goes through in one pass of fixed-size batches
+        # (map_rows), so each function compiles once and only the last batch of all is padded
+        x = [t.x_test for t in bench.tasks]
+        y = np.concatenate([t.targets(t.y_test, "cil") for t in bench.tasks])
+        tid = np.concatenate([np.full((len(t.y_test),), t.task_id, np.int32) for t in bench.tasks])
+        ends = np.cumsum([len(t.y_test) for t in bench.tasks])[:-1]
         tid_ok, cls_ok = {}, {}
         tid_vote, cls_vote = {}, {}
         pred_v = jax.jit(lambda cl, x, ids: jnp.argmax(predict(cl, x, ids), -1))
         for r, fn in every.items():
             infer_r = jax.jit(fn)
-            inferred = [map_rows(lambda xb: infer_r(cl, xb), x) for x, _, _ in tasks]
-            tid_ok[r] = sum(int(np.sum(i == tid)) for i, (_, _, tid) in zip(inferred, tasks)) / n
+            inferred = map_rows(lambda xb: infer_r(cl, xb), x)
+            tid_ok[r] = int(np.sum(inferred == tid)) / len(y)
             # the class predicted under the task ids just inferred (one compiled predict for every rule)
-            cls_ok[r] = sum(int(np.sum(map_rows(lambda xb, ib: pred_v(cl, xb, ib), x, i) == y))
-                            for i, (x, y, _) in zip(inferred, tasks)) / n
+            cls_ok[r] = int(np.sum(map_rows(lambda xb, ib: pred_v(cl, xb, ib), x, inferred) == y)) / len(y)
             if vote:  # each task's test set in consecutive groups of `vote` rows, the last one shorter
-                ids = [np.asarray(majority(jnp.asarray(i), vote, T)) for i in inferred]
-                tid_vote[r] = sum(int(np.sum(i == tid)) for i, (_, _, tid) in zip(ids, tasks)) / n
-                cls_vote[r] = sum(int(np.sum(map_rows(lambda xb, ib: pred_v(cl, xb, ib), x, i) == y))
-                                  for i, (x, y, _) in zip(ids, tasks)) / n
+                ids = np.concatenate([np.asarray(majority(jnp.asarray(i), vote, T)) for i in np.split(inferred, ends)])
+                tid_vote[r] = int(np.sum(ids == tid)) / len(y)
+                cls_vote[r] = int(np.sum(map_rows(lambda xb, ib: pred_v(cl, xb, ib), x, ids) == y)) / len(y)
         out = {"rule": rule, "task_id_accuracy": tid_ok, "class_accuracy": cls_ok}
         if vote:
             out.update(vote=vote, task_id_accuracy_batchwise=tid_vote, class_accuracy_batchwise=cls_vote)
