@@ -89,7 +89,8 @@ class TrainConfig:
     Attributes:
       epochs: epochs per task.
       batch_size: training batch size (every batch has exactly this size).
-      eval_batch_size: evaluation batch size (the last batch is padded and masked).
+      eval_batch_size: the most rows of a test batch (the last batch is padded and masked); smaller where
+        every task's test set is (:func:`eval_batch_rows`).
       optimizer: ``adam``, ``adamw`` or ``sgd``.
       lr: learning rate; ``weight_decay``, ``momentum`` (sgd), ``clip`` (global norm, 0 = off).
       lr_schedule: how ``lr`` changes over each task's epochs (it restarts with every task):
@@ -624,13 +625,27 @@ class Steps:
         return sum(self.traces.values())
 
 
+def eval_batch_rows(bench: Benchmark, batch_size: int, mesh=None) -> int:
+    """The rows of every test batch of ``bench``: ``batch_size``, or, where every task's test set is
+    smaller, the largest test set rounded up to a multiple of 8 (and of the mesh's ``data`` axis).
+
+    One size for every task (one compiled eval step); a split-digits task's 72 test images take one
+    batch of 72, not 256 rows of which 184 are padding. ``batch_size`` (``train.eval_batch_size``) is
+    thus the most rows a test batch has."""
+    step = math.lcm(8, mesh.shape["data"] if mesh is not None else 1)
+    largest = max(len(t.y_test) for t in bench.tasks)
+    return min(batch_size, -(-largest // step) * step)
+
+
 def evaluate(steps: Steps, cl: CLState, bench: Benchmark, scenario: str, c: int, batch_size: int,
              mesh=None) -> float:
-    """Test accuracy of ``cl`` on task ``c`` (batches split along the mesh's data axis where given)."""
+    """Test accuracy of ``cl`` on task ``c`` (batches split along the mesh's data axis where given), in
+    batches of :func:`eval_batch_rows` rows (at most ``batch_size``)."""
     task = bench.tasks[c]
     y = task.targets(task.y_test, scenario)
     put = (lambda b: M.put_batch(b, mesh)) if mesh is not None else (lambda b: b)
-    correct = sum(steps.eval_step(cl, put(b), jnp.int32(c))[0] for b in eval_batches(task.x_test, y, batch_size))
+    rows = eval_batch_rows(bench, batch_size, mesh)
+    correct = sum(steps.eval_step(cl, put(b), jnp.int32(c))[0] for b in eval_batches(task.x_test, y, rows))
     return float(correct) / len(y)
 
 

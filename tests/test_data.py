@@ -69,6 +69,35 @@ def test_eval_batches_pad_with_the_batch_own_samples_and_mask_them():
     assert sum(float(b["w"].sum()) for b in batches) == 5
 
 
+def test_eval_batches_shrink_to_the_largest_test_set_and_evaluate_counts_every_row_once():
+    """Every task is tested in batches of one size: train.eval_batch_size, or the largest test set
+    rounded up to a multiple of 8 (and of the mesh's data axis) where that is smaller; evaluate() feeds
+    the eval step batches of exactly that size and counts each test row once."""
+    import types
+
+    import jax
+
+    from clax.train import evaluate, eval_batch_rows
+
+    rng = np.random.default_rng(0)
+    y_test = np.repeat([0, 1, 2, 3], [30, 43, 20, 25])  # task 0: 73 test rows, task 1: 45
+    b = Benchmark.from_arrays("b", rng.normal(size=(8, 3)), np.arange(8) % 4, rng.normal(size=(118, 3)), y_test,
+                              [[0, 1], [2, 3]])
+    assert eval_batch_rows(b, 256) == 80 and eval_batch_rows(b, 64) == 64 and eval_batch_rows(b, 72) == 72
+    mesh = types.SimpleNamespace(shape={"data": 3})
+    assert eval_batch_rows(b, 240, mesh) == 96  # a multiple of lcm(8, 3)
+    seen = []
+
+    def eval_step(cl, batch, t):
+        seen.append(batch["x"].shape[0])
+        return jax.numpy.sum(batch["w"] * (batch["y"] == 0)), 0.0  # "correct": the rows of class 0
+
+    steps = types.SimpleNamespace(eval_step=eval_step)
+    assert evaluate(steps, None, b, "cil", 0, 256) == 30 / 73
+    assert evaluate(steps, None, b, "cil", 1, 256) == 0.0
+    assert seen == [80, 80]
+
+
 def test_data_section_maps_to_benchmark_arguments_and_refuses_what_a_benchmark_lacks():
     """The config's ``data`` section: defaults pass nothing; other values become factory arguments; a
     setting the benchmark does not take, an unknown key or value is a ConfigError naming ``data.<key>``."""

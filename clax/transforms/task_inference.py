@@ -21,7 +21,8 @@ image of a batch runs under the task most of its rows matched. It is **not a per
 it uses the composition of the test batch (all rows of one task, consecutive), which leaks the task
 identity; a stream whose test batches mix tasks would see a different accuracy. With ``vote`` the
 accuracy matrix is computed with the vote (groups of ``N`` rows inside each evaluation batch of
-``train.eval_batch_size`` rows, whose padding rows, copies of its first rows, vote too: set
+``train.eval_batch_size`` rows, or fewer on small test sets, :func:`clax.train.eval_batch_rows`, whose
+padding rows, copies of its first rows, vote too: set
 ``train.eval_batch_size`` to ``N`` for the authors' batches), and the report gives both rules' figures,
 per sample and batchwise (each task's test set cut into consecutive groups of ``N``, the last shorter,
 as the authors' loader does).
