@@ -119,7 +119,7 @@ def task_inference(ctx, query: Callable, predict: Callable, rule: str = "ncm", r
         return lambda cl, x, tid: inner(cl, x, infer(cl, x) if tid is None else tid)
 
     def end_task(cl, data):
-        feats = np.concatenate([np.asarray(features(cl, data.x[i:i + 256])) for i in range(0, len(data.y), 256)])
+        feats = map_rows(lambda xb: features(cl, xb), data.x)  # fixed-size batches: one compilation
         means = state(cl, name)["class_means"]
         for c in np.unique(data.y):
             means = means.at[int(c)].set(jnp.asarray(feats[data.y == c].mean(0)))
