@@ -115,6 +115,18 @@ def cache_key(backbone: Backbone, steps: int, seed: int, source: str = "glyphs",
     return f"{backbone.name}-{source}-{hashlib.sha256(repr(parts).encode()).hexdigest()[:12]}"
 
 
+def cpu_threads_tag() -> str:
+    """``"-cpuN"`` on the CPU backend, N the cores this process may use (which XLA sizes its thread pools
+    by), else ``""``: the shared pretraining cache's entries carry it, because XLA's CPU results depend
+    in the last bits on the thread count (the main job's workers run on one core each, a single
+    ``clax run`` on every core), so that a cached backbone is the one this process would pretrain. A
+    workdir's own ``pretrain/`` copy is keyed without it: a resumed run keeps its own weights."""
+    if jax.default_backend() != "cpu":
+        return ""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return f"-cpu{n}"
+
+
 def _check_start(backbone: Backbone, steps: int, what: str) -> None:
     """Refuses a pretraining (``what``: its data) of fewer than one step or of a backbone built from a
     given checkpoint, which is frozen exactly as loaded."""
@@ -463,7 +475,7 @@ def pretrained_backbone(backbone: Backbone, source: str = "auto", steps: int = 3
     from clax.cache import shared_pretrain_dir
 
     shared_dir = shared_pretrain_dir() if path else None
-    shared = os.path.join(shared_dir, key + ".msgpack") if shared_dir else ""
+    shared = os.path.join(shared_dir, key + cpu_threads_tag() + ".msgpack") if shared_dir else ""
     if found is None and shared and os.path.abspath(shared) != os.path.abspath(path):
         found = _read_cache(shared, backbone, source)  # the user-level cache (clax.cache, cache.pretrain)
         if found is not None:  # the workdir keeps its own copy, so that it stands alone

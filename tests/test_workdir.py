@@ -265,10 +265,14 @@ def test_a_fresh_workdir_copies_the_shared_pretraining_cache_instead_of_pretrain
                                                                                  monkeypatch, capsys):
     """cache.pretrain (on by default): the pretrained backbone is kept in the user-level cache too
     ($CLAX_PRETRAIN_CACHE here), and a run in a fresh workdir reads it from there, keeps its own copy,
-    and gives the same results; with cache.pretrain=false it pretrains again."""
+    and gives the same results; with cache.pretrain=false it pretrains again. The shared entry's name
+    carries the CPU thread count (XLA's CPU results depend on it), the workdir's does not."""
     w, _, cache = clr_killed_then_rerun
     res = json.loads((w / "results.json").read_text())
-    shared = os.path.join(os.environ["CLAX_PRETRAIN_CACHE"], cache.name)
+    tag = pretrain.cpu_threads_tag()
+    assert tag == f"-cpu{len(os.sched_getaffinity(0))}"  # the tests run on the CPU
+    shared = os.path.join(os.environ["CLAX_PRETRAIN_CACHE"], cache.name[:-len(".msgpack")] + tag + ".msgpack")
+    assert not os.path.exists(os.path.join(os.environ["CLAX_PRETRAIN_CACHE"], cache.name))
     assert open(shared, "rb").read() == cache.read_bytes()  # written there when the run pretrained
     monkeypatch.setattr(pretrain, "_MEMO", {})
     calls = []
