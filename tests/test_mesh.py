@@ -104,3 +104,14 @@ def test_a_mesh_that_does_not_fit_is_refused_naming_the_numbers(tmp_path):
     assert "train.batch_size=30 is not divisible by the mesh's data axis (8 devices)" in p.stderr
     p = _clax(["run", "--method", "finetune", "--set", "mesh.model=3", "--workdir", str(w)], EIGHT, check=False)
     assert p.returncode == 2 and "mesh.model=3 does not divide the 8 devices" in p.stderr and not w.exists()
+
+
+
+@pytest.mark.skipif(jax.device_count() > 1, reason="needs a one-device process")
+def test_put_batch_passes_host_arrays_through_on_a_one_device_mesh():
+    """No device_put per batch on one device: the compiled step's call copies the host arrays itself
+    (the 8-device runs above go through the split)."""
+    from clax import mesh as M
+
+    batch = {"x": np.ones((8, 3), np.float32), "y": np.arange(8, dtype=np.int32)}
+    assert M.put_batch(batch, M.make_mesh()) is batch

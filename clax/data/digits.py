@@ -10,6 +10,8 @@ grey repeated over RGB) so that CNN and ViT backbones run on the same data.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from clax.data.stream import Benchmark, Task
@@ -18,6 +20,14 @@ VIEWS = ("flat", "image")
 
 
 def _load(seed: int):
+    """``(x_train, x_test, y_train, y_test)`` of the split drawn from ``seed``: fresh copies of the
+    process's first load (scikit-learn parses its file and splits in about 0.1 s, once per run of the
+    main job's workers otherwise)."""
+    return tuple(a.copy() for a in _split(seed))
+
+
+@functools.lru_cache(maxsize=8)
+def _split(seed: int):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
