@@ -860,6 +860,7 @@ def fit(
 
     A = np.full((T, T), np.nan)
     b = None
+    eval_rows = eval_batch_rows(bench, cfg.eval_batch_size, mesh)  # validation batches: the eval step's shape
     if resume is None and method.evaluates_unseen:
         b = np.array([evaluate(steps, ts.cl, bench, scenario, c, cfg.eval_batch_size, mesh) for c in range(T)])
     train_s, n_steps, compiles_after_task = 0.0, 0, []
@@ -942,7 +943,7 @@ def fit(
                 ts = place(ts.replace(cl=method.end_epoch(host(ts.cl), TaskData(r, x, y, k_end, cfg.batch_size), epoch)))
             val = {}
             if splits:  # the held-out rows, by the compiled eval step; then the plateau / early-stop rule
-                val_loss, val_acc = validate(steps, ts.cl, vsets, cfg.eval_batch_size, mesh)
+                val_loss, val_acc = validate(steps, ts.cl, vsets, eval_rows, mesh)
                 vs = val_update(vs, val_loss if cfg.val_metric == "loss" else val_acc, epoch, cfg)
                 if cfg.restore_best and vs.best_epoch == epoch:
                     best_cl = ts.cl  # arrays are immutable and no step donates its input: a reference suffices
