@@ -686,7 +686,8 @@ def validation_data(bench: Benchmark, r: int, scenario: str, cumulative: bool, s
 def validate(steps: Steps, cl: CLState, sets: list, batch_size: int, mesh=None) -> tuple[float, float]:
     """``(loss, accuracy)`` of ``cl`` on the validation sets ``[(task, x, targets)]`` of
     :func:`validation_data`: the mean cross-entropy and the fraction correct over all their rows, each
-    task's rows predicted as task ``task`` (TIL), by the compiled eval step (no new compilation)."""
+    task's rows predicted as task ``task`` (TIL), by the compiled eval step (no new compilation: ``fit``
+    passes ``batch_size`` = :func:`eval_batch_rows`, the test batches' size)."""
     put = (lambda b: M.put_batch(b, mesh)) if mesh is not None else (lambda b: b)
     correct, nll, n = 0, 0, 0
     for c, x, y in sets:
