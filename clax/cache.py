@@ -22,7 +22,9 @@ pretraining, :mod:`clax.pretrain`) is kept in ``$XDG_CACHE_HOME/clax/pretrain`` 
 when set) besides the run's own ``<workdir>/pretrain``, so a run in a fresh workdir copies it from there
 instead of pretraining again (the main job's CLR run spends about 28 s of a 2-core CPU pretraining). It
 holds the same checksummed Flax msgpack files as the workdir's cache, keyed by the backbone and every
-pretraining setting; ``cache.pretrain=false`` turns it off. Like ``cache.xla`` it never changes a result.
+pretraining setting and, on the CPU, by the cores the process may use (``-cpuN``,
+:func:`clax.pretrain.cpu_threads_tag`); ``cache.pretrain=false`` turns it off. Like ``cache.xla`` it never
+changes a result.
 """
 from __future__ import annotations
 
@@ -32,6 +34,14 @@ from typing import Optional
 #: the compile time (seconds) from which a compilation is stored, where JAX's setting is at its default
 MIN_COMPILE_S = 0.0
 _JAX_DEFAULT_MIN_COMPILE_S = 1.0
+
+
+def usable_cores() -> list[int]:
+    """The cores this process may run on (its affinity, which XLA's CPU runtime sizes its thread pools
+    by), or ``range(os.cpu_count())`` where the platform does not say."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
 
 
 def _user_dir(env: str, name: str) -> str:

@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from clax.cache import usable_cores
+
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3  # training stopped on a NaN or infinite loss
 
@@ -160,14 +162,6 @@ def cmd_run(args) -> int:
 
 #: the most worker processes the main job starts by default (each holds a JAX runtime, about 1 GB)
 MAX_DEFAULT_JOBS = 8
-
-
-def usable_cores() -> list[int]:
-    """The cores this process may run on (its affinity), or ``range(os.cpu_count())`` where the platform
-    does not say."""
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
 
 
 def default_jobs() -> int:

@@ -121,10 +121,9 @@ def cpu_threads_tag() -> str:
     in the last bits on the thread count (the main job's workers run on one core each, a single
     ``clax run`` on every core), so that a cached backbone is the one this process would pretrain. A
     workdir's own ``pretrain/`` copy is keyed without it: a resumed run keeps its own weights."""
-    if jax.default_backend() != "cpu":
-        return ""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return f"-cpu{n}"
+    from clax.cache import usable_cores
+
+    return f"-cpu{len(usable_cores())}" if jax.default_backend() == "cpu" else ""
 
 
 def _check_start(backbone: Backbone, steps: int, what: str) -> None:

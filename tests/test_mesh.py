@@ -106,7 +106,6 @@ def test_a_mesh_that_does_not_fit_is_refused_naming_the_numbers(tmp_path):
     assert p.returncode == 2 and "mesh.model=3 does not divide the 8 devices" in p.stderr and not w.exists()
 
 
-
 @pytest.mark.skipif(jax.device_count() > 1, reason="needs a one-device process")
 def test_put_batch_passes_host_arrays_through_on_a_one_device_mesh():
     """No device_put per batch on one device: the compiled step's call copies the host arrays itself
