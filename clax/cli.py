@@ -202,13 +202,24 @@ def _worker_runs(args, group: list, root: str) -> list:
 HEAVY = ("clr", "soft_tf", "hembed", "hnet", "pah", "ibm", "wsn", "packnet")
 
 
+#: methods whose runs compile the same programs as another method's (joint: finetune's train and eval
+#: steps and init, on more data), so they run after that method's runs in its worker: run at the same
+#: time in two workers, both would compile them
+SAME_PROGRAMS = {"joint": "finetune"}
+
+
 def schedule(runs: list) -> dict:
     """The main job's runs ``[(method, scenario)]`` grouped by method (a group runs in one worker, in
-    order), the groups in the order they are started: the :data:`HEAVY` methods first, in that order,
-    then the others by decreasing number of runs (registry order among equals)."""
+    order; a method of :data:`SAME_PROGRAMS` joins its partner's group, after it), the groups in the
+    order they are started: the :data:`HEAVY` methods first, in that order, then the others by
+    decreasing number of runs (registry order among equals)."""
     groups: dict = {}
+    present = {name for name, _ in runs}
     for name, scen in runs:
-        groups.setdefault(name, []).append((name, scen))
+        key = SAME_PROGRAMS[name] if SAME_PROGRAMS.get(name) in present else name
+        groups.setdefault(key, []).append((name, scen))
+    for key, group in groups.items():
+        group.sort(key=lambda run: run[0] != key)  # the group's own method's runs first (a stable sort)
     order = sorted(groups, key=lambda n: (n not in HEAVY, HEAVY.index(n) if n in HEAVY else -len(groups[n])))
     return {n: groups[n] for n in order}
 

@@ -325,8 +325,9 @@ def chain(model: Model, *transforms: Transform, name: Optional[str] = None, scen
     def report(cl):
         return {k: v for tr in transforms if tr.report is not None for k, v in tr.report(cl).items()}
 
-    def test_report(cl, bench):
-        return {k: v for tr in transforms if tr.test_report is not None for k, v in tr.test_report(cl, bench).items()}
+    def test_report(cl, bench, accuracy):
+        return {k: v for tr in transforms if tr.test_report is not None
+                for k, v in tr.test_report(cl, bench, accuracy).items()}
 
     filters = [tr.train_filter for tr in transforms if tr.train_filter is not None]
     if len(filters) > 1:

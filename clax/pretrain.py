@@ -295,7 +295,7 @@ def _supervised(backbone: Backbone, num_classes: int, batches, lr: float, seed: 
     head = classifier.init_head(kh, backbone.feature_dim, num_classes)
     tx = optax.adam(lr)
     tr_vars = {"backbone": params, "head": head}
-    opt = tx.init(tr_vars)
+    opt = jit_init(tx.init)(tr_vars)  # zeros: one compiled program, not an eager one per leaf shape
 
     @jax.jit
     def step(v, stats, opt, xb, yb):

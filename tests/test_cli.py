@@ -164,6 +164,11 @@ def test_main_job_schedule_starts_heavy_methods_first_and_keeps_a_methods_runs_t
     assert got["soft_tf"] == [("soft_tf", "til"), ("soft_tf", "cil")]
     assert sorted(r for g in got.values() for r in g) == sorted(runs)
     assert HEAVY.index("clr") < HEAVY.index("soft_tf")
+    # joint compiles finetune's programs: its runs follow finetune's in finetune's worker, whatever the order
+    got = schedule([("joint", "til"), ("finetune", "til"), ("ewc", "til"), ("joint", "cil"), ("finetune", "cil")])
+    assert got == {"finetune": [("finetune", "til"), ("finetune", "cil"), ("joint", "til"), ("joint", "cil")],
+                   "ewc": [("ewc", "til")]}
+    assert schedule([("joint", "til")]) == {"joint": [("joint", "til")]}  # alone: its own group
 
 
 def test_main_job_on_two_worker_processes_equals_one_worker(tmp_path):

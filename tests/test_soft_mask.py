@@ -56,3 +56,27 @@ def test_superimpose_and_quantize():
     assert soft_mask.stored_nbytes((10, 10), "float16") == 200 and soft_mask.stored_nbytes((10, 10), "int8") == 108
     with pytest.raises(ValueError, match="float8"):
         soft_mask.quantize(x, "float8")
+
+
+def _eager_quantize(mask, precision):
+    """The eager jnp formula ``quantize`` computed before it moved to numpy (each op dispatched alone)."""
+    if precision == "int8":
+        lo, hi = jnp.min(mask), jnp.max(mask)
+        step = jnp.where(hi > lo, (hi - lo) / 255.0, 1.0)
+        return lo + jnp.round((mask - lo) / step) * step
+    return mask.astype(jnp.dtype(precision)).astype(jnp.float32)
+
+
+def test_quantize_on_host_is_eager_jax_bit_for_bit():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+    rows = jax.random.uniform(k1, (3, 17, 5), minval=0.5, maxval=1.5)
+    # exact ties of the int8 rounding: lo 0, step 1, so (m - lo) / step lands on .5 and rounds half to even
+    ties = jnp.concatenate([jnp.array([0.0, 255.0, 0.5, 1.5, 2.5, 254.5]), jax.random.uniform(k2, (79,)) * 255])
+    for prec in ("float16", "bfloat16", "int8"):
+        for x in (rows[0], ties, jnp.full((4,), 0.7)):  # a constant tensor: step 1
+            np.testing.assert_array_equal(soft_mask.quantize(x, prec), _eager_quantize(x, prec), err_msg=prec)
+        # each row as its own tensor (not jax.vmap's eager version: XLA's vectorised division by 255 is
+        # not correctly rounded, numpy's and the scalar one are)
+        by_row = np.stack([_eager_quantize(m, prec) for m in rows])
+        np.testing.assert_array_equal(soft_mask.quantize(rows, prec, batch_dims=1), by_row, err_msg=prec)
+    assert not np.array_equal(soft_mask.quantize(rows, "int8", batch_dims=1), soft_mask.quantize(rows, "int8"))

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -222,3 +223,24 @@ def test_the_divergence_message_starts_on_its_own_line(tmp_path, capsys):
     err = capsys.readouterr().err
     lines = err.split("\n")
     assert any(line.startswith("clax: error: non-finite loss") for line in lines), repr(err[-300:])
+
+
+def test_the_host_finite_check_agrees_with_the_compiled_one():
+    """``_all_finite_host`` (single-process CPU runs) reads what ``_all_finite`` reads: the shared
+    partition and row ``t`` of the per-task one, inexact leaves only."""
+    from clax.partition import CLState
+    from clax.train import _all_finite, _all_finite_host
+
+    def state(shared_w=1.0, row1=1.0, row0_bf16=1.0, frozen=1.0):
+        per_task = {"w": jnp.ones((3, 4)).at[1, 2].set(row1),
+                    "b": jnp.ones((3, 2), jnp.bfloat16).at[0, 1].set(row0_bf16),
+                    "n": jnp.zeros((3,), jnp.int32)}
+        return CLState(frozen={"backbone": jnp.full((2,), frozen)}, shared={"w": jnp.full((5,), shared_w)},
+                       per_task=per_task, state={}, extra={})
+
+    cases = [({}, 0, True), ({"shared_w": jnp.nan}, 2, False), ({"row1": jnp.inf}, 1, False),
+             ({"row1": jnp.inf}, 0, True), ({"row0_bf16": -jnp.inf}, 0, False), ({"row0_bf16": jnp.nan}, 2, True),
+             ({"frozen": jnp.nan}, 0, True)]  # the frozen partition is not trained
+    for kw, t, want in cases:
+        cl = state(**kw)
+        assert _all_finite_host(cl, t) is want and bool(_all_finite(cl, jnp.int32(t))) is want, (kw, t)

@@ -100,8 +100,10 @@ class Method(NamedTuple):
         compactly (soft masks in int8, binary masks bit-packed), so the reported total is what is stored.
       report: optional ``cl -> dict`` of extra per-run results (e.g. per-task ``mask_density`` and
         ``capacity_used`` of parameter-isolation methods), merged into ``results.json``.
-      test_report: optional host-side ``(cl, benchmark) -> dict`` of figures on the benchmark's test
-        sets after the last task (e.g. Soft-TF's CIL task-id accuracy), merged into ``results.json``.
+      test_report: optional host-side ``(cl, benchmark, accuracy) -> dict`` of figures on the benchmark's
+        test sets after the last task (e.g. Soft-TF's CIL task-id accuracy), merged into
+        ``results.json``; ``accuracy(cl, c)`` is task ``c``'s test accuracy of a state ``cl`` (of the
+        trained state's structure) by the trainer's compiled eval step, what the accuracy matrix reads.
       train_filter: optional host-side ``TaskData -> int indices`` of the task's training samples to
         train on, applied after ``begin_task`` (PAH drops the images its prototypes were initialised
         from); it must depend on the data only, so that a resumed run drops the same samples.
@@ -125,7 +127,7 @@ class Method(NamedTuple):
     evaluates_unseen: bool = True
     task_bytes: Optional[Callable[[CLState, int], int]] = None
     report: Optional[Callable[[CLState], dict]] = None
-    test_report: Optional[Callable[[CLState, Any], dict]] = None
+    test_report: Optional[Callable[[CLState, Any, Callable[[CLState, int], float]], dict]] = None
     train_filter: Optional[Callable[[TaskData], np.ndarray]] = None
     lr_scales: tuple = ()
     on_update: Optional[Callable[..., CLState]] = None

@@ -136,7 +136,7 @@ def soft_tf(ctx: Context, **settings) -> Method:
     params, stats, pre_report = frozen_backbone(ctx, s, "soft_tf")
     model, superposed = soft_mask.model(ctx, params, stats, filt, binary, keep, float(s["label_smoothing"]),
                                         layers, name="soft_tf")
-    query, predict, parts = frozen.features(ctx), model.predict, []
+    query, parts = frozen.features(ctx), []
     if layers:
         parts.append(prompt.dualprompt(query, float(s["key_loss_weight"]), *layers[:3], s["g_prompt_tasks"]))
     if cil:
@@ -145,6 +145,5 @@ def soft_tf(ctx: Context, **settings) -> Method:
             rules["prompt"] = prompt.rule(query)
         parts.append(task_inference.task_inference(ctx, query, model.predict, s["task_inference"], rules,
                                                    vote=int(s["batch_vote"])))
-        predict = parts[-1].predict(model.predict)
-    stored = soft_mask.stored(s["mask_precision"], binary, keep, predict, ctx.scenario)
+    stored = soft_mask.stored(s["mask_precision"], binary, keep)
     return chain(model, stored, *parts, frozen.trained(ctx.num_tasks), frozen.pretrained(pre_report), name="soft_tf")

@@ -62,8 +62,8 @@ class Layout(NamedTuple):
 def layout(init_fn: Callable[[jax.Array], PyTree], key=None, min_scale: float = 0.1) -> Layout:
     """The flat layout of the pytree ``init_fn(key)`` returns.
 
-    Shapes come from :func:`jax.eval_shape`; with a ``key`` the target is also initialised once on the
-    host so that each leaf's mean and standard deviation become its affine ``shift`` and ``scale``
+    Shapes come from :func:`jax.eval_shape`; with a ``key`` the target is also initialised once (one
+    compiled program, :func:`clax.models.jit_init`) so that each leaf's mean and standard deviation become its affine ``shift`` and ``scale``
     (``scale`` falls back to ``min_scale`` where a leaf's initial values are constant, e.g. biases and
     BatchNorm scales). Without a key the affine is the identity.
     """
@@ -74,7 +74,9 @@ def layout(init_fn: Callable[[jax.Array], PyTree], key=None, min_scale: float = 
     if key is None:
         scale, shift = (1.0,) * len(leaves), (0.0,) * len(leaves)
     else:
-        vals = [np.asarray(v, np.float64) for v in jax.tree_util.tree_leaves(init_fn(key))]
+        from clax.models import jit_init  # one compiled program: bit for bit the eager init (tested)
+
+        vals = [np.asarray(v, np.float64) for v in jax.tree_util.tree_leaves(jit_init(init_fn)(key))]
         shift = tuple(float(v.mean()) for v in vals)
         scale = tuple(float(v.std()) if v.std() > 1e-8 else min_scale for v in vals)
     return Layout(int(sum(sizes)), treedef, tuple(tuple(x.shape) for x in leaves),
