@@ -185,6 +185,20 @@ def pin_worker(counter, cores: list[int]) -> None:
         counter.value += 1
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cores[i % len(cores)]})
+    one_blas_thread()
+
+
+def one_blas_thread() -> None:
+    """numpy's BLAS and LAPACK (OpenBLAS) run on one thread in a pinned worker. Their thread pool is
+    started with numpy, before :func:`pin_worker` pins the process, so its threads keep every core:
+    IBM's per-epoch SVD ratio (``np.linalg.eigvalsh``) waited on a BLAS thread that shared the other
+    core with the other worker, 3.1 s of the main job's IBM run against about 0.1 s on one thread.
+    Uses threadpoolctl (scikit-learn's own dependency); without it, nothing changes."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(1)
 
 
 def _worker_runs(args, group: list, root: str) -> list:

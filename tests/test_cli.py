@@ -198,12 +198,18 @@ def test_main_job_workers_each_run_on_one_core_in_turn():
     cores = usable_cores()
     assert cores == sorted(os.sched_getaffinity(0))
     assert default_jobs() == max(1, min(MAX_DEFAULT_JOBS, len(cores)))
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    blas = threadpoolctl.threadpool_info()
     before, counter, seen = os.sched_getaffinity(0), mp.Value("i", 0), []
     try:
         for _ in range(len(cores) + 1):
             pin_worker(counter, cores)
             seen.append(os.sched_getaffinity(0))
+        pinned_blas = threadpoolctl.threadpool_info()
     finally:
         os.sched_setaffinity(0, before)
+        threadpoolctl.threadpool_limits({p["prefix"]: p["num_threads"] for p in blas})
     assert seen == [{c} for c in cores] + [{cores[0]}]
     assert counter.value == len(cores) + 1
+    assert pinned_blas and all(p["num_threads"] == 1 for p in pinned_blas)  # numpy's BLAS: one thread too
+    assert threadpoolctl.threadpool_info() == blas

@@ -401,3 +401,18 @@ def test_a_hypernetwork_layout_reads_the_eager_inits_values():
     vals = [np.asarray(v, np.float64) for v in jax.tree_util.tree_leaves(target_init(key))]  # eager
     assert lay.shift == tuple(float(v.mean()) for v in vals)
     assert lay.scale == tuple(float(v.std()) if v.std() > 1e-8 else 0.1 for v in vals)
+
+
+def test_the_h_embedding_decoder_init_compiled_gives_the_eager_values():
+    """hembed draws a fresh decoder at each task's start by one compiled program (``jit_init``): the
+    values of the eager draws, bit for bit (PyTorch ``nn.Linear``'s uniform bounds)."""
+    import jax
+    import numpy as np
+
+    from clax.models import jit_init
+    from clax.transforms.h_embedding import decoder_init
+
+    sizes = (96, 512, 32)
+    key = jax.random.PRNGKey(3)
+    jax.tree.map(np.testing.assert_array_equal, jit_init(lambda k: decoder_init(k, sizes))(key),
+                 decoder_init(key, sizes))

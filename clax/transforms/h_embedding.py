@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from clax.compose import Model, Transform, state, with_state
+from clax.models import jit_init
 from clax.transforms import hscore as HS
 from clax.transforms import hypernet as H
 
@@ -84,6 +85,9 @@ def transform(hn: H.Hypernet, num_tasks: int, num_classes: int, task_emb_dim: in
     def fresh_decoder(key):
         dec = decoder_init(key, sizes)
         return {"decoder": dec, "decoder_opt": dtx.init(dec)}
+
+    # at each task's start: one compiled program, not eager draws; the same values (tested)
+    compiled_fresh_decoder = jit_init(fresh_decoder)
 
     def init(key, cl):
         st = {"h_emb": jnp.zeros((T, E))}
@@ -140,7 +144,7 @@ def transform(hn: H.Hypernet, num_tasks: int, num_classes: int, task_emb_dim: in
             d = HS.distances(h, valid, distance_form)
             e_hat, _ = solve(k_solve, d, cl.per_task[emb], valid, steps=solve_steps, lr=solve_lr)
         st = state(cl, name)
-        st = {**st, "h_emb": st["h_emb"].at[t].set(e_hat), **(fresh_decoder(k_dec) if per_task else {})}
+        st = {**st, "h_emb": st["h_emb"].at[t].set(e_hat), **(compiled_fresh_decoder(k_dec) if per_task else {})}
         return with_state(cl, name, st)
 
     return Transform(name, init=init, begin_task=begin_task, loss=loss, step=step if per_task else None)
