@@ -192,12 +192,9 @@ def one_blas_thread() -> None:
     """numpy's BLAS and LAPACK (OpenBLAS) run on one thread in a pinned worker. Their thread pool is
     started with numpy, before :func:`pin_worker` pins the process, so its threads keep every core:
     IBM's per-epoch SVD ratio (``np.linalg.eigvalsh``) waited on a BLAS thread that shared the other
-    core with the other worker, 3.1 s of the main job's IBM run against about 0.1 s on one thread.
-    Uses threadpoolctl (scikit-learn's own dependency); without it, nothing changes."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return
+    core with the other worker: 3.6 s of a warm main job's IBM run, 0.33 s on one thread (py-spy)."""
+    from threadpoolctl import threadpool_limits  # the library for native thread pools (scikit-learn's too)
+
     threadpool_limits(1)
 
 

@@ -198,7 +198,8 @@ def test_main_job_workers_each_run_on_one_core_in_turn():
     cores = usable_cores()
     assert cores == sorted(os.sched_getaffinity(0))
     assert default_jobs() == max(1, min(MAX_DEFAULT_JOBS, len(cores)))
-    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import threadpoolctl
+
     blas = threadpoolctl.threadpool_info()
     before, counter, seen = os.sched_getaffinity(0), mp.Value("i", 0), []
     try:
