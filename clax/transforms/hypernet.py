@@ -63,9 +63,10 @@ def layout(init_fn: Callable[[jax.Array], PyTree], key=None, min_scale: float = 
     """The flat layout of the pytree ``init_fn(key)`` returns.
 
     Shapes come from :func:`jax.eval_shape`; with a ``key`` the target is also initialised once (one
-    compiled program, :func:`clax.models.jit_init`) so that each leaf's mean and standard deviation become its affine ``shift`` and ``scale``
-    (``scale`` falls back to ``min_scale`` where a leaf's initial values are constant, e.g. biases and
-    BatchNorm scales). Without a key the affine is the identity.
+    compiled program, :func:`clax.models.jit_init`) so that each leaf's mean and standard deviation
+    become its affine ``shift`` and ``scale`` (``scale`` falls back to ``min_scale`` where a leaf's
+    initial values are constant, e.g. biases and BatchNorm scales). Without a key the affine is the
+    identity.
     """
     shapes_tree = jax.eval_shape(init_fn, jax.random.PRNGKey(0) if key is None else key)
     leaves, treedef = jax.tree_util.tree_flatten(shapes_tree)
