@@ -542,7 +542,8 @@ class Steps:
     steps with the same options.
 
     ``opt_init(cl, t)`` is the optimizer's state for task ``t``'s trainable tree and ``finite(cl, t)``
-    whether every inexact leaf of it is finite, each one compiled program (exact: zeros, comparisons)."""
+    whether every inexact leaf of it is finite, each one compiled program (exact: zeros, comparisons);
+    ``finite`` is :func:`_all_finite_host`, in numpy, on a single-process CPU run."""
 
     def __init__(self, method: Method, tx: optax.GradientTransformation, scenario: str,
                  compiler_options: Optional[dict] = None):
@@ -605,7 +606,9 @@ class Steps:
             return tx.init(trainable(cl, t))
 
         self.opt_init = jit_init(opt_init)  # zeros: compiled at LLVM level 1 on the CPU, as inits are
-        self.finite = jit_init(_all_finite)  # comparisons only, exact at any level
+        # comparisons only, exact at any level; on a single-process CPU run in numpy, uncompiled
+        on_host = jax.default_backend() == "cpu" and jax.process_count() == 1
+        self.finite = _all_finite_host if on_host else jit_init(_all_finite)
 
     def shard(self, state_shardings) -> None:
         """Compiles the train step to return the state laid out as ``state_shardings`` (a
@@ -727,25 +730,23 @@ def _all_finite(cl: CLState, t) -> jax.Array:
     return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
 
 
-def _all_finite_host(cl: CLState, t: int) -> bool:
+def _all_finite_host(cl: CLState, t) -> bool:
     """:func:`_all_finite` in numpy: on a single-process CPU run the arrays are already in host memory,
     and a check there needs no compilation (the compiled one took 0.2-0.5 s per run to compile)."""
-    tr = {"shared": cl.shared, "task": jax.tree.map(lambda a: np.asarray(a)[t], cl.per_task)}
+    tr = {"shared": cl.shared, "task": jax.tree.map(lambda a: np.asarray(a)[int(t)], cl.per_task)}
     leaves = [np.asarray(x) for x in jax.tree.leaves(tr) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return all(np.isfinite(x if x.dtype.itemsize >= 4 else x.astype(np.float32)).all() for x in leaves)
 
 
 def _check_finite(ts: TrainState, t, losses: list, r: int, epoch: int, per_epoch: int, finite: Callable) -> None:
     """Raises :class:`NonFiniteLossError` naming task ``r`` and the step if a loss of the current epoch
-    (``losses``) or a trained parameter (``finite``: the compiled :func:`_all_finite`, :attr:`Steps.finite`;
-    :func:`_all_finite_host` on a single-process CPU run) is NaN or infinite."""
+    (``losses``) or a trained parameter (``finite``, :attr:`Steps.finite`) is NaN or infinite."""
     arr = np.asarray(jnp.stack(losses)) if losses else np.zeros(0)
     if not np.isfinite(arr).all():
         bad = int(np.argmax(~np.isfinite(arr)))
         raise NonFiniteLossError(f"non-finite loss ({arr[bad]}) in task {r}, epoch {epoch}, "
                                  f"step {epoch * per_epoch + bad} of the task")
-    on_host = jax.default_backend() == "cpu" and jax.process_count() == 1
-    if not (_all_finite_host(ts.cl, r) if on_host else bool(finite(ts.cl, t))):
+    if not bool(finite(ts.cl, t)):
         raise NonFiniteLossError(f"non-finite parameters in task {r} after step "
                                  f"{epoch * per_epoch + len(losses)} of the task")
 

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clax.models import jit_init  # the target's init: one compiled program, the eager values (tested)
+
 PyTree = Any
 
 
@@ -75,8 +77,6 @@ def layout(init_fn: Callable[[jax.Array], PyTree], key=None, min_scale: float = 
     if key is None:
         scale, shift = (1.0,) * len(leaves), (0.0,) * len(leaves)
     else:
-        from clax.models import jit_init  # one compiled program: bit for bit the eager init (tested)
-
         vals = [np.asarray(v, np.float64) for v in jax.tree_util.tree_leaves(jit_init(init_fn)(key))]
         shift = tuple(float(v.mean()) for v in vals)
         scale = tuple(float(v.std()) if v.std() > 1e-8 else min_scale for v in vals)

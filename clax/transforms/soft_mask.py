@@ -245,13 +245,11 @@ def stored(precision: str, binary: bool = False, keep=None, name: str = "stored_
     def end_task(cl, data):
         t, masks = data.t, cl.per_task["mask"]
         r = row(masks, t)
-        if binary:
-            keepv = {k: binary_mask.top_fraction(v, keep) for k, v in r.items()}
-            return cl.replace(per_task={**cl.per_task, "mask": {k: masks[k].at[t].set(v) for k, v in keepv.items()}})
+        keepv = {k: binary_mask.top_fraction(v, keep) if binary else quantize(v, precision) for k, v in r.items()}
         new = {}
-        for k, v in r.items():  # on the host: the trainer places the state again after end_task
+        for k, v in keepv.items():  # on the host: the trainer places the state again after end_task
             new[k] = np.array(masks[k])
-            new[k][t] = quantize(v, precision)
+            new[k][t] = np.asarray(v)
         return cl.replace(per_task={**cl.per_task, "mask": new})
 
     def task_bytes(cl, t):
