@@ -270,7 +270,8 @@ def table(items: dict, iters: int, blocks: int) -> str:
 
     jx = next((r for k, r in items.items() if "jax" in r), None)
     th = next((r for k, r in items.items() if "torch" in r), None)
-    lines = [f"device: JAX {jx['jax']} on {jx['device']} ({jx['platform']})" if jx else "device: every JAX figure failed",
+    lines = [f"device: JAX {jx['jax']} on {jx['device']} ({jx['platform']})" if jx
+             else "device: every JAX figure failed",
              f"PyTorch {th['torch']} on {th['device']}" if th else "PyTorch: no figure",
              f"lowest of {blocks} medians of {iters} steps after warm-up, float32 (TF32 allowed), Adam", "",
              "| backbone | batch | clax step ms | plain Flax ms | PyTorch ms | clax/PyTorch | plain/PyTorch |",
@@ -287,7 +288,8 @@ def table(items: dict, iters: int, blocks: int) -> str:
         lines += ["", "| backbone / method | step ms | / finetune step |", "|---|---|---|"]
         for name in names:
             base = ms(f"method/{name}/finetune")
-            for k in (k for k in meth if k.split("/")[1] == name):
+            order = CNN_METHODS + VIT_METHODS
+            for k in sorted((k for k in meth if k.split("/")[1] == name), key=lambda k: order.index(k.split("/")[2])):
                 v = ms(k)
                 err = items[k].get("error", "")[-200:].replace("\n", " ").replace("|", "/")
                 lines.append(f"| {name} / {k.split('/')[2]} | {cell(v) if v is not None else 'failed: ' + err} | "
